@@ -60,6 +60,33 @@ def apply_rope(x, cos, sin):
     return out.astype(x.dtype)
 
 
+class Einsum(nn.Module):
+    """A projection `einsum(equation, x, kernel)` with a logically-partitioned kernel of its
+    full (multi-axis) shape, e.g. [embed, heads, head_dim], and an optional bias."""
+
+    equation: str
+    shape: tuple[int, ...]
+    axes: tuple[str, ...]
+    config: QwenConfig
+    bias_shape: tuple[int, ...] | None = None
+    bias_axes: tuple[str, ...] | None = None
+
+    @nn.compact
+    def __call__(self, x):
+        cfg = self.config
+        dtype = jnp_dtype(cfg.dtype)
+        kernel = self.param("kernel", nn.with_logical_partitioning(dense_init(cfg), self.axes),
+                            self.shape, jnp_dtype(cfg.param_dtype))
+        y = jnp.einsum(self.equation, x.astype(dtype), kernel.astype(dtype),
+                       precision=precision(cfg))
+        if self.bias_shape is not None:
+            bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros,
+                                                                   self.bias_axes),
+                              self.bias_shape, jnp_dtype(cfg.param_dtype))
+            y = y + bias.astype(dtype)
+        return y
+
+
 class MLP(nn.Module):
     """SwiGLU: c_proj(w1(x) * silu(w2(x))). In the release w2 is the gate, w1 the plain branch."""
 
@@ -68,13 +95,10 @@ class MLP(nn.Module):
     @nn.compact
     def __call__(self, x):
         cfg = self.config
-        dense = lambda features, axes, name: nn.DenseGeneral(  # noqa: E731
-            features, use_bias=False, dtype=jnp_dtype(cfg.dtype),
-            param_dtype=jnp_dtype(cfg.param_dtype), precision=precision(cfg),
-            kernel_init=nn.with_logical_partitioning(dense_init(cfg), axes), name=name)
-        gate = dense(cfg.mlp_width, ("embed", "mlp"), "gate")(x)  # w2
-        up = dense(cfg.mlp_width, ("embed", "mlp"), "up")(x)  # w1
-        h = up * nn.silu(gate)
-        h = nn.with_logical_constraint(h, ("activation_batch", "activation_length",
-                                           "activation_mlp"))
-        return dense(cfg.hidden_size, ("mlp", "embed"), "down")(h)  # c_proj
+        h, f = cfg.hidden_size, cfg.mlp_width
+        gate = Einsum("bth,hf->btf", (h, f), ("embed", "mlp"), cfg, name="gate")(x)  # w2
+        up = Einsum("bth,hf->btf", (h, f), ("embed", "mlp"), cfg, name="up")(x)  # w1
+        act = up * nn.silu(gate)
+        act = nn.with_logical_constraint(act, ("activation_batch", "activation_length",
+                                               "activation_mlp"))
+        return Einsum("btf,fh->bth", (f, h), ("mlp", "embed"), cfg, name="down")(act)  # c_proj

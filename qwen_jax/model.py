@@ -21,7 +21,8 @@ from qwen_jax import long_context
 from qwen_jax.attention import attention
 from qwen_jax.config import QwenConfig
 from qwen_jax.kv_cache import KVCache
-from qwen_jax.layers import MLP, RMSNorm, apply_rope, dense_init, jnp_dtype, precision, rope_cos_sin
+from qwen_jax.layers import (MLP, Einsum, RMSNorm, apply_rope, dense_init, jnp_dtype, precision,
+                             rope_cos_sin)
 
 _ACT = ("activation_batch", "activation_length", "activation_embed")
 _ACT_HEADS = ("activation_batch", "activation_length", "activation_heads", "activation_kv")
@@ -41,16 +42,11 @@ class Attention(nn.Module):
     @nn.compact
     def __call__(self, x, ctx: dict[str, Any], window, layer_idx, cache_kv):
         cfg = self.config
-        n, d = cfg.num_attention_heads, cfg.head_dim
-        common = dict(dtype=jnp_dtype(cfg.dtype), param_dtype=jnp_dtype(cfg.param_dtype),
-                      precision=precision(cfg))
+        h, n, d = cfg.hidden_size, cfg.num_attention_heads, cfg.head_dim
 
         def proj(name):  # one third of the released fused c_attn, with its bias
-            return nn.DenseGeneral(
-                (n, d), use_bias=True, name=name,
-                kernel_init=nn.with_logical_partitioning(dense_init(cfg), ("embed", "heads", "kv")),
-                bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("heads", "kv")),
-                **common)(x)
+            return Einsum("bth,hnd->btnd", (h, n, d), ("embed", "heads", "kv"), cfg,
+                          bias_shape=(n, d), bias_axes=("heads", "kv"), name=name)(x)
 
         q, k, v = proj("q"), proj("k"), proj("v")
         q = apply_rope(q, ctx["cos"], ctx["sin"])
@@ -82,10 +78,7 @@ class Attention(nn.Module):
                         dropout_rate=cfg.attn_dropout_prob if self.train else 0.0,
                         dropout_rng=dropout_rng)
         out = checkpoint_name(nn.with_logical_constraint(out, _ACT_HEADS), "attn_out")
-        out = nn.DenseGeneral(
-            cfg.hidden_size, axis=(-2, -1), use_bias=False, name="o",
-            kernel_init=nn.with_logical_partitioning(dense_init(cfg), ("heads", "kv", "embed")),
-            **common)(out)
+        out = Einsum("btnd,ndh->bth", (n, d, h), ("heads", "kv", "embed"), cfg, name="o")(out)
         return checkpoint_name(out, "out_proj"), new_cache_kv
 
 
@@ -122,6 +115,22 @@ def default_positions(segment_ids, offset=None):
                                segment_ids[:, 1:] != segment_ids[:, :-1]], axis=1)
     starts = jax.lax.cummax(jnp.where(changed, idx, 0), axis=1)
     return idx - starts
+
+
+class Embed(nn.Module):
+    """Token embedding (untied from lm_head). The table is gathered over 'fsdp' before the
+    lookup so that the vocabulary-sharded gather partitions cleanly."""
+
+    config: QwenConfig
+
+    @nn.compact
+    def __call__(self, tokens):
+        cfg = self.config
+        table = self.param("embedding",
+                           nn.with_logical_partitioning(dense_init(cfg), ("vocab", "embed")),
+                           (cfg.vocab_size, cfg.hidden_size), jnp_dtype(cfg.param_dtype))
+        table = nn.with_logical_constraint(table, ("vocab", None))
+        return jnp.take(table, tokens, axis=0).astype(jnp_dtype(cfg.dtype))
 
 
 class Qwen(nn.Module):
@@ -171,11 +180,7 @@ class Qwen(nn.Module):
             ctx.update(q_segment_ids=q_seg, kv_segment_ids=kv_seg, q_offset=cache.index)
             cache_kv = (cache.k, cache.v)
 
-        x = nn.Embed(cfg.vocab_size, cfg.hidden_size, dtype=jnp_dtype(cfg.dtype),
-                     param_dtype=jnp_dtype(cfg.param_dtype),
-                     embedding_init=nn.with_logical_partitioning(dense_init(cfg),
-                                                                 ("vocab", "embed")),
-                     name="embed")(tokens)
+        x = Embed(cfg, name="embed")(tokens)
         x = nn.with_logical_constraint(x, _ACT)
         if train and cfg.emb_dropout_prob > 0.0:
             x = nn.Dropout(cfg.emb_dropout_prob)(x, deterministic=False)
@@ -193,11 +198,8 @@ class Qwen(nn.Module):
             (x, cache_kv), jnp.arange(cfg.num_hidden_layers, dtype=jnp.int32), ctx)
 
         x = RMSNorm(cfg.layer_norm_epsilon, jnp_dtype(cfg.param_dtype), name="ln_f")(x)
-        logits = nn.DenseGeneral(
-            cfg.vocab_size, use_bias=False, dtype=jnp_dtype(cfg.dtype),
-            param_dtype=jnp_dtype(cfg.param_dtype), precision=precision(cfg),
-            kernel_init=nn.with_logical_partitioning(dense_init(cfg), ("embed", "vocab")),
-            name="lm_head")(x)
+        logits = Einsum("bth,hv->btv", (cfg.hidden_size, cfg.vocab_size), ("embed", "vocab"), cfg,
+                        name="lm_head")(x)
         logits = nn.with_logical_constraint(
             logits.astype(jnp.float32), ("activation_batch", "activation_length", "activation_vocab"))
 
@@ -215,7 +217,7 @@ class Qwen(nn.Module):
 
 def init_params(config: QwenConfig, rng, batch: int = 1, length: int = 8):
     """Random parameters (boxed with their logical axis names stripped)."""
-    variables = Qwen(config).init(rng, jnp.zeros((batch, length), jnp.int32))
+    variables = jax.jit(Qwen(config).init)(rng, jnp.zeros((batch, length), jnp.int32))
     return nn.unbox(variables["params"])
 
 
