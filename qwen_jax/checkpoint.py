@@ -3,6 +3,8 @@
     <dir>/config.json    released config.json fields + our own under "qwen_jax"
     <dir>/params/        Orbax (OCDBT) checkpoint of the parameter pytree
     <dir>/qwen.tiktoken  the vocabulary, when the source had one
+    <dir>/hf_source.json the imported Hugging Face config.json and weight dtype, so that an
+                         export of an unchanged model reproduces that config.json exactly
 
 A checkpoint directory is written under a temporary sibling name and renamed into place only
 when complete, so a failure never leaves a half-written checkpoint behind.
@@ -16,6 +18,7 @@ import os
 import pathlib
 import shutil
 import tempfile
+import time
 
 import jax
 import numpy as np
@@ -26,6 +29,7 @@ from qwen_jax.config import ConfigError, QwenConfig
 CONFIG_FILE = "config.json"
 PARAMS_DIR = "params"
 TOKENIZER_FILE = "qwen.tiktoken"
+HF_SOURCE_FILE = "hf_source.json"
 
 
 class CheckpointError(ValueError):
@@ -42,32 +46,75 @@ def atomic_directory(final: str | os.PathLike, overwrite: bool = False):
                                   "(choose another directory or pass --overwrite)")
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{final.name}.partial-", dir=final.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp's 0700 would make the result private
     try:
         yield tmp
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
     finally:
-        if tmp.exists():
+        # Retried: a writer thread of a failed Orbax save may still be creating files in it.
+        for _ in range(20):
             shutil.rmtree(tmp, ignore_errors=True)
+            if not tmp.exists():
+                break
+            time.sleep(0.05)
 
 
 def write_params(directory: pathlib.Path, params, config: QwenConfig) -> None:
     """Write config.json and the params pytree into an existing (temporary) directory."""
     directory = pathlib.Path(directory).absolute()
     (directory / CONFIG_FILE).write_text(config.to_json() + "\n")
-    checkpointer = ocp.StandardCheckpointer()
-    checkpointer.save(directory / PARAMS_DIR, params)
-    checkpointer.wait_until_finished()
+    leaves = jax.tree_util.tree_leaves(params)
+    for path, leaf in jax.tree_util.tree_leaves_with_path(params):
+        if not isinstance(leaf, (np.ndarray, np.generic, jax.Array, int, float)):
+            raise CheckpointError(f"params{jax.tree_util.keystr(path)}: a {type(leaf).__name__}, "
+                                  "not an array")
+    if leaves and all(isinstance(x, np.ndarray) for x in leaves):
+        # Host arrays (an import): Orbax's default numpy handler deep-copies every array
+        # (against concurrent mutation, which cannot happen here) and zstd keeps a compressed
+        # copy, so its peak is ~3x the parameters; this way tensorstore writes from the arrays
+        # themselves (+~5 MB). Weights hardly compress anyway.
+        registry = ocp.type_handlers.create_type_handler_registry(
+            (np.ndarray, ocp.type_handlers.NumpyHandler(deepcopy_host_arrays=False)),
+            (jax.Array, ocp.type_handlers.ArrayHandler()))  # unused; Orbax warns without it
+        handler = ocp.PyTreeCheckpointHandler(use_compression=False,
+                                              type_handler_registry=registry)
+        with ocp.Checkpointer(handler) as checkpointer:
+            checkpointer.save(directory / PARAMS_DIR, args=ocp.args.PyTreeSave(params))
+        return
+    # Closing waits for Orbax's background writers, also when save() raises: otherwise they
+    # can recreate files in the directory atomic_directory is removing.
+    with ocp.StandardCheckpointer() as checkpointer:
+        checkpointer.save(directory / PARAMS_DIR, params)
+        checkpointer.wait_until_finished()
 
 
 def save_checkpoint(directory, params, config: QwenConfig, tokenizer_file=None,
-                    overwrite: bool = False) -> pathlib.Path:
+                    overwrite: bool = False, hf_source: dict | None = None) -> pathlib.Path:
+    """`hf_source`: {"config": the imported config.json, "dtype": its weights' dtype}."""
     with atomic_directory(directory, overwrite=overwrite) as tmp:
         write_params(tmp, params, config)
         if tokenizer_file is not None:
             shutil.copyfile(tokenizer_file, tmp / TOKENIZER_FILE)
+        if hf_source is not None:
+            (tmp / HF_SOURCE_FILE).write_text(json.dumps(hf_source, indent=2) + "\n")
     return pathlib.Path(directory)
+
+
+def load_hf_source(directory) -> dict | None:
+    path = pathlib.Path(directory) / HF_SOURCE_FILE
+    if not path.is_file():
+        return None
+    try:
+        source = json.loads(path.read_text())
+        if not isinstance(source.get("config"), dict):
+            raise ValueError("no 'config' object")
+        return source
+    except (json.JSONDecodeError, ValueError, AttributeError) as e:
+        raise CheckpointError(f"{path}: not a valid record of the imported config ({e})") from None
 
 
 def load_config(directory) -> QwenConfig:

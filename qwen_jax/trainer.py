@@ -144,7 +144,7 @@ class Trainer:
         grads = jax.tree_util.tree_map(lambda g: g / count, grads)
         updates, opt_state = self.optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        metrics = {"loss": loss_sum / count, "grad_norm": optax.global_norm(grads),
+        metrics = {"loss": loss_sum / count, "grad_norm": optax.tree.norm(grads),
                    "learning_rate": learning_rate_schedule(self.optimizer_config)(state.step),
                    "tokens": count}
         return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
