@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 
 import jax
+import jax.numpy as jnp
 import optax
 
 
@@ -25,17 +26,27 @@ class OptimizerConfig:
         if self.warmup_steps < 0 or self.total_steps <= 0:
             raise ValueError(f"warmup_steps={self.warmup_steps}, total_steps={self.total_steps}:"
                              " expected warmup >= 0 and total > 0")
-        if self.warmup_steps > self.total_steps:
-            raise ValueError(f"warmup_steps={self.warmup_steps} exceeds total_steps="
-                             f"{self.total_steps}")
+        if self.peak_learning_rate <= 0 or not 0 <= self.final_lr_fraction <= 1:
+            raise ValueError(f"peak_learning_rate={self.peak_learning_rate}, final_lr_fraction="
+                             f"{self.final_lr_fraction}: expected > 0 and in [0, 1]")
 
 
 def learning_rate_schedule(cfg: OptimizerConfig) -> optax.Schedule:
     """0 -> peak linearly over warmup_steps, then cosine from peak to final_lr_fraction x peak
-    at total_steps, constant after."""
-    return optax.warmup_cosine_decay_schedule(
-        init_value=0.0, peak_value=cfg.peak_learning_rate, warmup_steps=cfg.warmup_steps,
-        decay_steps=cfg.total_steps, end_value=cfg.peak_learning_rate * cfg.final_lr_fraction)
+    at total_steps, constant after (also when warmup fills the whole run)."""
+    peak = cfg.peak_learning_rate
+    floor = peak * cfg.final_lr_fraction
+    warmup = max(cfg.warmup_steps, 0)
+    decay = max(cfg.total_steps - warmup, 1)
+
+    def schedule(step):
+        step = jnp.asarray(step, jnp.float32)
+        warm = peak * step / max(warmup, 1)
+        progress = jnp.clip((step - warmup) / decay, 0.0, 1.0)
+        cosine = floor + (peak - floor) * 0.5 * (1.0 + jnp.cos(jnp.pi * progress))
+        return jnp.where(step < warmup, warm, cosine)
+
+    return schedule
 
 
 def weight_decay_mask(params):

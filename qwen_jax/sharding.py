@@ -51,7 +51,11 @@ class ShardingError(ValueError):
 
 def mesh_shape(requested: Sequence[int], num_devices: int) -> tuple[int, ...]:
     """Resolve a (data, fsdp, tensor) shape where one entry may be -1 (= fill)."""
-    requested = tuple(int(s) for s in requested)
+    try:
+        requested = tuple(int(s) for s in requested)
+    except (TypeError, ValueError):
+        raise ShardingError(f"mesh shape {requested!r}: expected integers for axes "
+                            f"{MESH_AXES}") from None
     if len(requested) != len(MESH_AXES):
         raise ShardingError(f"mesh shape {requested}: expected {len(MESH_AXES)} sizes for axes "
                             f"{MESH_AXES}")
@@ -133,6 +137,10 @@ def param_shardings(config, mesh: Mesh, rules=RULES):
     from qwen_jax.model import param_logical_axes
 
     return tree_shardings(param_logical_axes(config), mesh, abstract_params(config), rules)
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, PartitionSpec())
 
 
 def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:

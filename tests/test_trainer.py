@@ -132,5 +132,10 @@ def test_flops_and_mfu():
 
 
 def test_optimizer_config_errors():
-    with pytest.raises(ValueError, match="exceeds total_steps"):
-        make_optimizer(dataclasses.replace(OPT, warmup_steps=20))
+    with pytest.raises(ValueError, match="warmup_steps=-1"):
+        make_optimizer(dataclasses.replace(OPT, warmup_steps=-1))
+    with pytest.raises(ValueError, match="peak_learning_rate=0"):
+        make_optimizer(dataclasses.replace(OPT, peak_learning_rate=0))
+    # A run shorter than its warmup just ramps up (a quick demo run).
+    lr = learning_rate_schedule(dataclasses.replace(OPT, warmup_steps=20, total_steps=6))
+    np.testing.assert_allclose(float(lr(5)), OPT.peak_learning_rate * 5 / 20, rtol=1e-6)

@@ -1,0 +1,59 @@
+"""Defaults shared by every training config (report §2.4, Table 1).
+
+Each config file's get_config() starts from `base_config()` and changes what differs. Keys:
+model (a preset name), model_overrides, init_from (a checkpoint from convert_hf.py), data,
+tokenizer, mesh (data, fsdp, tensor; -1 = fill), global_batch_size (sequences per step),
+microbatches (gradient accumulation), optimizer, and the loop's step counts.
+"""
+
+import ml_collections
+
+
+def base_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.model = "tiny"
+    # Any QwenConfig field: dtype, param_dtype, remat_policy, attention_impl, scan_layers, ...
+    c.model_overrides = ml_collections.ConfigDict({
+        "dtype": "bfloat16",  # compute
+        "param_dtype": "float32",  # master weights
+        "remat_policy": "minimal",
+        "attention_impl": "auto",
+        "emb_dropout_prob": 0.0,
+        "attn_dropout_prob": 0.0,
+    })
+    c.init_from = ""  # a qwen_jax checkpoint dir (convert_hf.py import) to start from
+    c.tokenizer = ""  # qwen.tiktoken path; "" = the init_from dir, $QWEN_TIKTOKEN, or bytes
+
+    c.data = ml_collections.ConfigDict({
+        "kind": "pretrain",  # or "sft"
+        "source": "stdlib",  # "stdlib" or file/dir/glob paths, comma-separated
+        "eval_source": "",  # "" = the validation split of `source` (stdlib) or none
+        "text_field": "text",
+        "seq_len": 2048,
+        "num_workers": 0,
+        "packing": True,  # SFT: pack conversations (False: pad each to seq_len)
+    })
+
+    c.mesh = (1, -1, 1)
+    c.global_batch_size = 2048  # sequences; x seq_len 2048 = 4M tokens (report)
+    c.microbatches = 1
+
+    c.optimizer = ml_collections.ConfigDict({
+        "peak_learning_rate": 3e-4,
+        "warmup_steps": 2000,
+        "final_lr_fraction": 0.1,
+        "b1": 0.9,
+        "b2": 0.95,
+        "eps": 1e-8,
+        "weight_decay": 0.1,
+        "grad_clip_norm": 1.0,
+    })
+
+    c.seed = 0
+    c.num_train_steps = 500_000
+    c.log_every_steps = 10
+    c.eval_every_steps = 1000
+    c.eval_steps = 20
+    c.checkpoint_every_steps = 1000
+    c.keep_checkpoints = 3
+    return c
