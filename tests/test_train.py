@@ -211,3 +211,42 @@ def test_readme_main_command(tmp_path):
     summary = json.loads((workdir / "summary.json").read_text())
     assert summary["final_step"] == 30
     assert summary["last_logged_loss"] < summary["first_logged_loss"] - 1.0
+
+
+def test_sft_from_imported_checkpoint(tmp_path, ref_vectors_dir):
+    """SFT (loss on assistant turns only) starting from a checkpoint made by convert_hf.py:
+    the first step's loss is the imported model's loss on the first batch."""
+    from qwen_jax.convert import load_hf_config, load_hf_params
+    from qwen_jax.checkpoint import save_checkpoint
+    from qwen_jax.model import Qwen
+
+    config = load_hf_config(ref_vectors_dir, "float32")
+    save_checkpoint(tmp_path / "ckpt", load_hf_params(ref_vectors_dir, config), config)
+    rows = [{"messages": [{"role": "user", "content": f"What is {i} + {i}?"},
+                          {"role": "assistant", "content": f"{i} + {i} = {2 * i}."}]}
+            for i in range(40)]
+    (tmp_path / "sft.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    cfg = tiny_config(model="", init_from=str(tmp_path / "ckpt"), tokenizer="bytes",
+                      num_train_steps=4, eval_every_steps=0)
+    cfg.data.kind = "sft"
+    cfg.data.source = str(tmp_path / "sft.jsonl")
+    cfg.data.seq_len = 128
+    cfg.model_overrides.attn_dropout_prob = 0.0
+    cfg.model_overrides.emb_dropout_prob = 0.0
+    cfg.optimizer.peak_learning_rate = 1e-3
+    cfg.optimizer.warmup_steps = 0
+    summary = run(cfg, tmp_path / "run")
+    assert summary["final_step"] == 4
+
+    built = train_loop.build(cfg)
+    batch = next(built.train_data)
+    assert 0 < batch["loss_mask"].sum() < batch["loss_mask"].size  # user turns masked
+    model = Qwen(built.model_config)
+    params = load_hf_params(ref_vectors_dir, config)
+    logits = model.apply({"params": params}, batch["inputs"], positions=batch["positions"],
+                         segment_ids=batch["segment_ids"], train=True,
+                         rngs={"dropout": jax.random.PRNGKey(0)})[0]
+    logz = jax.nn.logsumexp(logits, -1)
+    nll = logz - np.take_along_axis(np.asarray(logits), batch["targets"][..., None], -1)[..., 0]
+    expected = float((nll * batch["loss_mask"]).sum() / batch["loss_mask"].sum())
+    assert losses(tmp_path / "run")[1] == pytest.approx(expected, abs=2e-3)
