@@ -1,0 +1,64 @@
+"""Every configs/*.py loads, builds its model and optimizer, and carries the report's recipe."""
+
+import importlib.util
+import pathlib
+import sys
+
+import pytest
+
+from qwen_jax import train_loop
+from qwen_jax.config import PRESETS
+from qwen_jax.optim import OptimizerConfig
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+CONFIGS = sorted(p.stem for p in (ROOT / "configs").glob("*.py")
+                 if p.stem not in ("__init__", "base"))
+
+
+def load(name):
+    spec = importlib.util.spec_from_file_location(f"cfg_{name}", ROOT / "configs" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config()
+
+
+def test_expected_configs_exist():
+    assert {"tiny", "1_8b", "7b", "14b", "72b", "sft_7b"} <= set(CONFIGS)
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_config_builds(name):
+    cfg = load(name)
+    model = train_loop.model_config(cfg) if not cfg.init_from else PRESETS[cfg.model]
+    OptimizerConfig(total_steps=cfg.num_train_steps, **dict(cfg.optimizer)).validate()
+    assert len(cfg.mesh) == 3
+    assert cfg.global_batch_size % cfg.microbatches == 0
+    assert cfg.data.seq_len <= model.max_position_embeddings
+    for key in ("num_train_steps", "log_every_steps", "eval_every_steps",
+                "checkpoint_every_steps", "seed"):
+        assert key in cfg
+
+
+@pytest.mark.parametrize("name", ["1_8b", "7b", "14b", "72b"])
+def test_pretraining_recipe(name):
+    cfg = load(name)
+    assert cfg.global_batch_size * cfg.data.seq_len == 2048 * 2048  # 4M tokens
+    opt = cfg.optimizer
+    assert (opt.peak_learning_rate, opt.b1, opt.b2, opt.eps) == (3e-4, 0.9, 0.95, 1e-8)
+    assert (opt.weight_decay, opt.grad_clip_norm, opt.final_lr_fraction) == (0.1, 1.0, 0.1)
+    assert cfg.model_overrides.dtype == "bfloat16"
+    assert cfg.model_overrides.param_dtype == "float32"
+    model = train_loop.model_config(cfg)
+    if cfg.mesh[2] > 1:  # tensor parallelism must divide heads and MLP width
+        assert model.num_attention_heads % cfg.mesh[2] == 0
+        assert model.mlp_width % cfg.mesh[2] == 0
+
+
+def test_sft_recipe():
+    cfg = load("sft_7b")
+    assert cfg.data.kind == "sft" and cfg.init_from
+    assert (cfg.global_batch_size, cfg.data.seq_len, cfg.num_train_steps) == (128, 2048, 4000)
+    assert (cfg.optimizer.peak_learning_rate, cfg.optimizer.warmup_steps) == (2e-6, 1430)
+    assert cfg.model_overrides.attn_dropout_prob == 0.1
+    assert cfg.optimizer.weight_decay == 0.1 and cfg.optimizer.grad_clip_norm == 1.0
