@@ -12,15 +12,20 @@ chunked prefill and single-token decoding. Masking is by key index:
   slots all use this).
 
 The 1/sqrt(head_dim) scale is applied here; LogN scaling is not (the query arrives scaled).
-`impl="xla"` is the plain-XLA reference; kernels register themselves in `IMPLEMENTATIONS`.
+`impl="xla"` is the plain-XLA reference; `impl="pallas"` is our FlashAttention-2 kernel
+(`qwen_jax.kernels`: Mosaic on TPU, Triton on GPU, interpreted on CPU), run under `shard_map`
+when a mesh is in context. Kernels register themselves in `IMPLEMENTATIONS`.
 """
 
 from __future__ import annotations
 
+import math
+import os
 from typing import Callable
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
 
 _MASK_VALUE = float(jnp.finfo(jnp.float32).min)
 
@@ -64,7 +69,75 @@ def xla_attention(q, k, v, *, causal=True, window=None, q_segment_ids=None,
     return jnp.einsum("bnqk,bknd->bqnd", probs.astype(v.dtype), v, precision=precision)
 
 
-IMPLEMENTATIONS: dict[str, Callable] = {"xla": xla_attention}
+_BATCH_AXES = ("data", "fsdp")  # as qwen_jax.sharding: batch over data/fsdp, heads over tensor
+_HEAD_AXIS = "tensor"
+
+
+def _target_platform() -> str:
+    """Platform the call is traced for: the context mesh's devices, else the default device
+    (an AOT compile for a TPU topology traces on a CPU host)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if not mesh.empty and mesh.abstract_device is not None:
+        return mesh.abstract_device.platform
+    device = jax.config.jax_default_device
+    return device.platform if device is not None else jax.default_backend()
+
+
+def _mesh_axes(mesh, names, size: int):
+    """The free (non-manual) axes of `names` in `mesh`, dropping trailing ones until their
+    product divides `size` (e.g. a batch of 1 while decoding on a data-parallel mesh)."""
+    axes = [a for a in names if a in mesh.axis_names and a not in mesh.manual_axes]
+    while axes and size % math.prod(mesh.shape[a] for a in axes):
+        axes.pop()
+    return tuple(axes)
+
+
+def pallas_attention(q, k, v, *, causal=True, window=None, q_segment_ids=None,
+                     kv_segment_ids=None, q_offset=0, scale=None, precision=None,
+                     dropout_rate: float = 0.0, dropout_rng=None, backend: str | None = None,
+                     interpret: bool | None = None, block_sizes=None):
+    """FlashAttention-2 kernel with the reference semantics (float32 inputs run their matmuls
+    at full precision, so `precision` is not needed). The kernels have no dropout: a call with
+    dropout goes to the XLA reference. `backend` ("tpu" | "gpu") defaults to the platform (the
+    TPU kernel on CPU); `interpret` defaults to True on CPU or with QWEN_JAX_PALLAS_INTERPRET=1.
+    """
+    from qwen_jax.kernels import flash_attention
+
+    if dropout_rate > 0.0 and dropout_rng is not None:
+        return xla_attention(q, k, v, causal=causal, window=window, q_segment_ids=q_segment_ids,
+                             kv_segment_ids=kv_segment_ids, q_offset=q_offset, scale=scale,
+                             precision=precision, dropout_rate=dropout_rate,
+                             dropout_rng=dropout_rng)
+    platform = _target_platform()
+    if backend is None:
+        backend = os.environ.get("QWEN_JAX_PALLAS_BACKEND", "gpu" if platform == "gpu" else "tpu")
+    if interpret is None:
+        interpret = platform == "cpu" or os.environ.get("QWEN_JAX_PALLAS_INTERPRET") == "1"
+    window = jnp.asarray(0 if window is None else window, jnp.int32)
+    q_offset = jnp.asarray(q_offset, jnp.int32)
+    segments = q_segment_ids is not None or kv_segment_ids is not None
+    if segments and (q_segment_ids is None or kv_segment_ids is None):
+        raise ValueError("q_segment_ids and kv_segment_ids go together")
+
+    def call(q, k, v, window, q_offset, *segs):
+        return flash_attention(q, k, v, causal=causal, window=window, q_offset=q_offset,
+                               q_segment_ids=segs[0] if segs else None,
+                               kv_segment_ids=segs[1] if segs else None, scale=scale,
+                               backend=backend, block_sizes=block_sizes, interpret=interpret)
+
+    segs = (q_segment_ids, kv_segment_ids) if segments else ()
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return call(q, k, v, window, q_offset, *segs)
+    batch = _mesh_axes(mesh, _BATCH_AXES, q.shape[0]) or None
+    heads = _mesh_axes(mesh, (_HEAD_AXIS,), q.shape[2]) or None
+    act, seg = P(batch, None, heads, None), P(batch, None)
+    in_specs = (act, act, act, P(), P()) + (seg,) * len(segs)
+    sharded = jax.shard_map(call, mesh=mesh, in_specs=in_specs, out_specs=act, check_vma=False)
+    return sharded(q, k, v, window, q_offset, *segs)
+
+
+IMPLEMENTATIONS: dict[str, Callable] = {"xla": xla_attention, "pallas": pallas_attention}
 
 
 def resolve_impl(impl: str) -> str:

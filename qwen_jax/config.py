@@ -12,7 +12,7 @@ import json
 import os
 from typing import Any, Mapping
 
-ATTENTION_IMPLS = ("xla", "auto")
+ATTENTION_IMPLS = ("xla", "pallas", "auto")
 REMAT_POLICIES = ("none", "minimal", "save_dot_except_mlp", "full")
 DTYPES = ("float32", "bfloat16", "float16")
 MATMUL_PRECISIONS = ("default", "high", "highest")
