@@ -172,8 +172,3 @@ def _shape_fields(config: QwenConfig) -> dict:
 def tokenizer_path(directory) -> pathlib.Path | None:
     path = pathlib.Path(directory) / TOKENIZER_FILE
     return path if path.is_file() else None
-
-
-def read_json(path) -> dict:
-    with open(path) as f:
-        return json.load(f)

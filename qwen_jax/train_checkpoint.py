@@ -14,7 +14,6 @@ import pathlib
 import time
 
 import grain
-import jax
 import orbax.checkpoint as ocp
 
 
@@ -87,7 +86,3 @@ class TrainCheckpointer:
     def close(self) -> None:
         self.manager.wait_until_finished()
         self.manager.close()
-
-
-def is_primary() -> bool:
-    return jax.process_index() == 0

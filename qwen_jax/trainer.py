@@ -21,9 +21,6 @@ from qwen_jax.config import QwenConfig
 from qwen_jax.model import Qwen, init_params
 from qwen_jax.optim import OptimizerConfig, learning_rate_schedule, make_optimizer
 
-BATCH_KEYS = ("inputs", "targets", "loss_mask", "segment_ids", "positions")
-
-
 @flax.struct.dataclass
 class TrainState:
     step: jax.Array
@@ -194,15 +191,3 @@ def _path_suffixes(path):
     """Candidate parameter paths inside an optimizer-state path (mu/nu mirror the params)."""
     key = _path_key(path)
     return [key[i:] for i in range(len(key))]
-
-
-def select_batch(batch: dict) -> dict:
-    """The arrays a step consumes, as int32/float32 host arrays."""
-    out = {}
-    for key in BATCH_KEYS:
-        if key in batch:
-            out[key] = batch[key]
-    missing = {"inputs", "targets", "loss_mask"} - set(out)
-    if missing:
-        raise KeyError(f"batch is missing {sorted(missing)}; it has {sorted(batch)}")
-    return out
