@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import pathlib
 import re
-import shutil
 import sys
 
 _SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
@@ -68,13 +67,13 @@ def cmd_import(args) -> int:
     dtype = args.dtype or stored
     config = config.replace(param_dtype=dtype, dtype=dtype)
     params = convert.load_hf_params(hf_dir, config)
-    tokenizer = checkpoint.tokenizer_path(hf_dir)
-    checkpoint.save_checkpoint(target, params, config, tokenizer_file=tokenizer,
-                               overwrite=args.overwrite,
-                               hf_source={"config": source_config, "dtype": stored})
+    checkpoint.save_checkpoint(target, params, config, overwrite=args.overwrite,
+                               hf_source={"config": source_config, "dtype": stored},
+                               side_files_from=hf_dir)
+    extras = [n for n in checkpoint.SIDE_FILES if (hf_dir / n).is_file()]
     print(f"imported {hf_dir} -> {target}: {config.num_params():,} parameters, {dtype}"
           f"{' (as stored)' if dtype == stored else f' (stored as {stored})'}"
-          f"{', with qwen.tiktoken' if tokenizer else ''}")
+          f"{', with ' + ', '.join(extras) if extras else ''}")
     return 0
 
 
@@ -94,13 +93,11 @@ def cmd_export(args) -> int:
         config = config.replace(param_dtype=args.dtype)
     source = checkpoint.load_hf_source(args.checkpoint_dir) or {}
     config_json = convert.hf_config_dict(config, source.get("config"), source.get("dtype"))
-    tokenizer = checkpoint.tokenizer_path(args.checkpoint_dir)
     with checkpoint.atomic_directory(target, overwrite=args.overwrite) as tmp:
         names = convert.write_hf(tmp, params, config, args.max_shard_size, config_json)
-        if tokenizer:
-            shutil.copyfile(tokenizer, tmp / checkpoint.TOKENIZER_FILE)
+        extras = checkpoint.copy_side_files(args.checkpoint_dir, tmp)
     print(f"exported {args.checkpoint_dir} -> {target}: {len(names)} safetensors file(s), "
-          f"{config.param_dtype}{', with qwen.tiktoken' if tokenizer else ''}")
+          f"{config.param_dtype}{', with ' + ', '.join(extras) if extras else ''}")
     return 0
 
 

@@ -29,6 +29,9 @@ from qwen_jax.config import ConfigError, QwenConfig
 CONFIG_FILE = "config.json"
 PARAMS_DIR = "params"
 TOKENIZER_FILE = "qwen.tiktoken"
+GENERATION_CONFIG_FILE = "generation_config.json"
+# Files that travel with the weights through import, export and copies of a checkpoint.
+SIDE_FILES = (TOKENIZER_FILE, GENERATION_CONFIG_FILE)
 HF_SOURCE_FILE = "hf_source.json"
 
 
@@ -92,11 +95,26 @@ def write_params(directory: pathlib.Path, params, config: QwenConfig) -> None:
         checkpointer.wait_until_finished()
 
 
+def copy_side_files(source_dir, target_dir) -> list[str]:
+    """Copy the SIDE_FILES that exist in `source_dir`; returns their names."""
+    copied = []
+    for name in SIDE_FILES:
+        source = pathlib.Path(source_dir) / name
+        if source.is_file():
+            shutil.copyfile(source, pathlib.Path(target_dir) / name)
+            copied.append(name)
+    return copied
+
+
 def save_checkpoint(directory, params, config: QwenConfig, tokenizer_file=None,
-                    overwrite: bool = False, hf_source: dict | None = None) -> pathlib.Path:
-    """`hf_source`: {"config": the imported config.json, "dtype": its weights' dtype}."""
+                    overwrite: bool = False, hf_source: dict | None = None,
+                    side_files_from=None) -> pathlib.Path:
+    """`hf_source`: {"config": the imported config.json, "dtype": its weights' dtype};
+    `side_files_from`: a directory whose vocabulary and generation config come along."""
     with atomic_directory(directory, overwrite=overwrite) as tmp:
         write_params(tmp, params, config)
+        if side_files_from is not None:
+            copy_side_files(side_files_from, tmp)
         if tokenizer_file is not None:
             shutil.copyfile(tokenizer_file, tmp / TOKENIZER_FILE)
         if hf_source is not None:

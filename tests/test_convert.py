@@ -106,6 +106,9 @@ def test_import_export_round_trip_is_bit_exact(variant, ref_vectors_dir, qwen_ti
         config_json.update(bf16=False, fp32=False)  # as released: dtype flags all off
         src = write_sharded(tensors, tmp_path / "src", 3, config_json)
         shutil.copyfile(qwen_tiktoken_path, src / "qwen.tiktoken")
+        (src / "generation_config.json").write_text(json.dumps(
+            {"chat_format": "chatml", "eos_token_id": 151643, "repetition_penalty": 1.1,
+             "top_p": 0.8, "max_window_size": 6144}))
     ckpt, out = tmp_path / "ckpt", tmp_path / "out"
     result = cli("import", src, ckpt)
     assert result.returncode == 0, result.stderr
@@ -119,6 +122,9 @@ def test_import_export_round_trip_is_bit_exact(variant, ref_vectors_dir, qwen_ti
     _assert_same_hf(src, out)
     if dtype == "bfloat16":
         assert (out / "qwen.tiktoken").read_bytes() == qwen_tiktoken_path.read_bytes()
+        for name in ("qwen.tiktoken", "generation_config.json"):  # travel in and out
+            assert (ckpt / name).read_bytes() == (src / name).read_bytes()
+            assert (out / name).read_bytes() == (src / name).read_bytes()
 
 
 def test_import_with_dtype_casts(ref_vectors_dir, tmp_path):
