@@ -3,9 +3,15 @@
 
 Resumes automatically from the latest complete checkpoint in DIR/checkpoints. SIGTERM
 (preemption) saves a checkpoint and exits cleanly. See configs/base.py for the keys.
+
+Compile-only (no TPU, no data, no workdir; see qwen_jax/aot.py):
+`python train.py --config configs/14b.py --compile-only --topology v5:4x4x2 [--num-slices N]`
+prints per-device memory against HBM, XLA FLOPs, collectives and a roofline step time / MFU,
+and exits 1 with the compiler's message when the config does not fit.
 """
 
 import json
+import os
 import sys
 
 from absl import app, flags, logging
@@ -14,11 +20,27 @@ from ml_collections import config_flags
 _CONFIG = config_flags.DEFINE_config_file("config", None, "A configs/<name>.py file.",
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints and metrics.")
+_COMPILE_ONLY = flags.DEFINE_bool(
+    "compile_only", False, "Compile the training and decode steps for --topology on this host "
+    "and report memory, FLOPs, collectives and estimated MFU; reads no data, writes nothing.")
+_TOPOLOGY = flags.DEFINE_string(
+    "topology", None, "Compile-only target, libtpu names: v5e:16x16, v5:4x4x2 (v5p), v6e:8x16, "
+    "v4:4x4x8; '2xv5e:16x16' for 2 slices.")
+_NUM_SLICES = flags.DEFINE_integer("num_slices", 1, "Compile-only: number of slices (DCN).")
+_DECODE_BATCH = flags.DEFINE_integer(
+    "decode_batch", 0, "Compile-only: rows of the decode step (0 = a multiple of the "
+    "data-parallel size, at least 8; -1 = skip the decode step).")
+_REPORT_JSON = flags.DEFINE_string("report_json", None, "Compile-only: also write the report "
+                                   "as JSON to this file.")
 
 
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    if _COMPILE_ONLY.value:
+        sys.exit(compile_only())
+    if not _WORKDIR.value:
+        raise app.UsageError("--workdir is required (except with --compile-only)")
     logging.set_verbosity(logging.WARNING)  # Orbax logs every save step at INFO
     from qwen_jax import train_loop
 
@@ -31,9 +53,37 @@ def main(argv):
         sys.exit(1)
 
 
+def compile_only() -> int:
+    if not _TOPOLOGY.value:
+        raise app.UsageError("--compile-only needs --topology (e.g. v5e:2x4, v5:4x4x2)")
+    # Compile for the topology only; never claim this host's accelerators.
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+    logging.set_verbosity(logging.WARNING)
+    from qwen_jax import aot, train_loop
+
+    decode = None if _DECODE_BATCH.value < 0 else _DECODE_BATCH.value
+    try:
+        report = aot.check(_CONFIG.value, _TOPOLOGY.value, _NUM_SLICES.value, decode)
+    except (aot.AotError, train_loop.TrainError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(aot.format_report(report), flush=True)
+    if _REPORT_JSON.value:
+        aot.write_json(report, _REPORT_JSON.value)
+    if not report["fits"]:
+        failed = [s for s in ("train", "decode") if not report.get(s, {"fits": True})["fits"]]
+        for step in failed:
+            print(f"error: the {step} step does not fit on {report['topology']}: "
+                  f"{report[step]['error']}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def parse_flags(argv):
     """absl's parser, with config-override mistakes (unknown key, wrong type) reported as one
-    line instead of a traceback."""
+    line instead of a traceback. Flag names may use dashes (--compile-only, --num-slices)."""
+    argv = [_underscored(a) for a in argv]
     try:
         return flags.FLAGS(argv)
     except (KeyError, AttributeError) as e:
@@ -46,6 +96,13 @@ def parse_flags(argv):
     sys.exit(2)
 
 
+def _underscored(arg: str) -> str:
+    if not arg.startswith("--") or arg.startswith("--config"):
+        return arg
+    name, eq, value = arg.partition("=")
+    return "--" + name[2:].replace("-", "_") + eq + value
+
+
 if __name__ == "__main__":
-    flags.mark_flags_as_required(["config", "workdir"])
+    flags.mark_flags_as_required(["config"])
     app.run(main, flags_parser=parse_flags)

@@ -102,15 +102,18 @@ def data_iterator(cfg, tokenizer, per_process_batch: int, split: str):
         raise TrainError(f"config.data ({split}): {e}") from None
 
 
-def build(cfg) -> Run:
+def build_trainer(cfg, mesh=None) -> Trainer:
+    """The model config, mesh and Trainer of `cfg`, checked, without data or tokenizer (what a
+    compile-only run needs). `mesh` defaults to cfg.mesh over the local devices."""
     config = model_config(cfg)
     if cfg.data.seq_len > config.max_position_embeddings:
         raise TrainError(f"config.data.seq_len={cfg.data.seq_len} exceeds the model's "
                          f"max_position_embeddings={config.max_position_embeddings}")
-    try:
-        mesh = shd.make_mesh(tuple(cfg.mesh))
-    except shd.ShardingError as e:
-        raise TrainError(f"config.mesh: {e}") from None
+    if mesh is None:
+        try:
+            mesh = shd.make_mesh(tuple(cfg.mesh))
+        except shd.ShardingError as e:
+            raise TrainError(f"config.mesh: {e}") from None
     data_parallel = mesh.shape["data"] * mesh.shape["fsdp"]
     gbs, micro = cfg.global_batch_size, cfg.microbatches
     if micro < 1 or gbs % micro or (gbs // micro) % data_parallel:
@@ -126,6 +129,12 @@ def build(cfg) -> Run:
         shd.param_shardings(config, mesh)
     except (ValueError, shd.ShardingError) as e:
         raise TrainError(f"config: {e}") from None
+    return Trainer(config, opt, mesh, micro)
+
+
+def build(cfg) -> Run:
+    trainer = build_trainer(cfg)
+    config, gbs = trainer.model_config, cfg.global_batch_size
     tokenizer = tokenizer_for(cfg, config)
     per_process = gbs // jax.process_count()
     train = data_iterator(cfg, tokenizer, per_process, "train")
@@ -133,8 +142,7 @@ def build(cfg) -> Run:
     if cfg.eval_every_steps > 0 and cfg.eval_steps > 0 and (
             cfg.data.eval_source or cfg.data.source == "stdlib"):
         evals = data_iterator(cfg, tokenizer, per_process, "eval")
-    return Run(cfg, config, Trainer(config, opt, mesh, micro), tokenizer, train, evals,
-               per_process)
+    return Run(cfg, config, trainer, tokenizer, train, evals, per_process)
 
 
 # ------------------------------------------------------------------------------- running
