@@ -22,7 +22,6 @@ import math
 import pathlib
 import sys
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -39,21 +38,18 @@ def window_nll(params, tokens, *, config: QwenConfig):
     """Sum of next-token NLLs of each window [B, L] -> [B] float32 (L - 1 predictions)."""
     targets = jnp.pad(tokens[:, 1:], ((0, 0), (0, 1)))
 
-    def nll_head(next_fun, args, kwargs, context):
-        # Instead of the [B, L, V] logits, lm_head returns each position's NLL [B, L, 1],
-        # computed chunk by chunk so that long windows never hold all their logits at once.
-        if context.module.name != "lm_head" or context.method_name != "__call__":
-            return next_fun(*args, **kwargs)
-        hidden, out = args[0], []
+    def nll_head(hidden, to_logits):
+        # Each position's NLL [B, L, 1] instead of the [B, L, V] logits, computed chunk by
+        # chunk so that long windows never hold all their logits at once.
+        out = []
         for start in range(0, hidden.shape[1], LOGITS_CHUNK):
-            logits = next_fun(hidden[:, start:start + LOGITS_CHUNK]).astype(jnp.float32)
+            logits = to_logits(hidden[:, start:start + LOGITS_CHUNK])
             target = targets[:, start:start + LOGITS_CHUNK, None]
             out.append(jax.nn.logsumexp(logits, axis=-1, keepdims=True)
                        - jnp.take_along_axis(logits, target, axis=-1))
         return jnp.concatenate(out, axis=1)
 
-    with nn.intercept_methods(nll_head):
-        nll, _ = Qwen(config).apply({"params": params}, tokens)
+    nll, _ = Qwen(config).apply({"params": params}, tokens, head=nll_head)
     return jnp.sum(nll[:, :-1, 0], axis=1)
 
 

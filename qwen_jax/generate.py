@@ -26,7 +26,6 @@ import sys
 import time
 from typing import Callable, Sequence
 
-import flax.linen as nn
 import flax.struct
 import jax
 import jax.numpy as jnp
@@ -84,12 +83,10 @@ class _Static:  # everything the compiled functions specialise on besides shapes
     pad_id: int
 
 
-def _last_position_lm_head(next_fun, args, kwargs, context):
-    # Prefill needs the logits of the last position only; slicing the output would still
+def _last_position(hidden, to_logits):
+    # Prefill needs the logits of the last position only; slicing the logits would still
     # compute (and hold) [B, T, V] float32, so the hidden state is sliced before lm_head.
-    if context.module.name == "lm_head" and context.method_name == "__call__":
-        return next_fun(args[0][:, -1:], *args[1:], **kwargs)
-    return next_fun(*args, **kwargs)
+    return to_logits(hidden[:, -1:])
 
 
 def _emit(state: _State, logits, s: _Static) -> tuple[_State, tuple]:
@@ -117,9 +114,8 @@ def _emit(state: _State, logits, s: _Static) -> tuple[_State, tuple]:
 @functools.partial(jax.jit, static_argnames=("s", "num_new", "return_logits"))
 def _prefill(params, tokens, segment_ids, cache, key, *, s: _Static, num_new: int,
              return_logits: bool):
-    with nn.intercept_methods(_last_position_lm_head):
-        logits, cache = Qwen(s.config).apply({"params": params}, tokens,
-                                             segment_ids=segment_ids, cache=cache)
+    logits, cache = Qwen(s.config).apply({"params": params}, tokens, segment_ids=segment_ids,
+                                         cache=cache, head=_last_position)
     batch, vocab = tokens.shape[0], s.config.vocab_size
     width = max([len(q) for q in s.stops] + [1])
     recent = jnp.where(segment_ids > 0, tokens, -1)[:, -width:]

@@ -138,9 +138,13 @@ class Qwen(nn.Module):
 
     @nn.compact
     def __call__(self, tokens, positions=None, segment_ids=None, cache: KVCache | None = None,
-                 *, train: bool = False):
+                 *, train: bool = False, head=None):
         """tokens [B, T]; positions [B, T] (default: from segment ids / the cache);
-        segment_ids [B, T] (0 = padding; >0 = document id); returns (logits float32, cache)."""
+        segment_ids [B, T] (0 = padding; >0 = document id); returns (logits float32, cache).
+
+        head(hidden [B, T, H], lm_head) -> output, if given, replaces the logits: `lm_head(h)`
+        maps final hidden states to float32 logits, so a caller can ask for the last position
+        only, or reduce chunks of logits to what it needs, without holding [B, T, V]."""
         cfg = self.config
         batch, length = tokens.shape
         if train and cache is not None:
@@ -198,10 +202,15 @@ class Qwen(nn.Module):
             (x, cache_kv), jnp.arange(cfg.num_hidden_layers, dtype=jnp.int32), ctx)
 
         x = RMSNorm(cfg.layer_norm_epsilon, jnp_dtype(cfg.param_dtype), name="ln_f")(x)
-        logits = Einsum("bth,hv->btv", (cfg.hidden_size, cfg.vocab_size), ("embed", "vocab"), cfg,
-                        name="lm_head")(x)
-        logits = nn.with_logical_constraint(
-            logits.astype(jnp.float32), ("activation_batch", "activation_length", "activation_vocab"))
+        lm_head = Einsum("bth,hv->btv", (cfg.hidden_size, cfg.vocab_size), ("embed", "vocab"),
+                         cfg, name="lm_head")
+
+        def to_logits(hidden):
+            return nn.with_logical_constraint(
+                lm_head(hidden).astype(jnp.float32),
+                ("activation_batch", "activation_length", "activation_vocab"))
+
+        logits = to_logits(x) if head is None else head(x, to_logits)
 
         new_cache = None
         if cache is not None:
