@@ -31,7 +31,7 @@ import numpy as np  # noqa: E402
 from qwen_jax import convert, hf_reference  # noqa: E402
 from qwen_jax.config import QwenConfig  # noqa: E402
 from qwen_jax.generate import GenerationConfig, generate  # noqa: E402
-from qwen_jax.model import init_params  # noqa: E402
+from qwen_jax.model import init_params, unstack_layers  # noqa: E402
 
 
 def timed(fn, repeats: int) -> float:
@@ -76,6 +76,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         convert.write_hf(pathlib.Path(tmp), jax.device_get(params), config)
         hf_model = hf_reference.build_qwen2(tmp, config, args.prompt_len + args.new_tokens)
+    if jax.default_backend() == "cpu":  # what the CLIs do on CPU: see model.unstack_layers
+        params, config = unstack_layers(params, config)
     print(f"model: hidden {args.hidden}, {args.heads} heads, {args.layers} layers, vocab "
           f"{args.vocab}, {config.num_params() / 1e6:.0f}M parameters, float32; "
           f"prompt {args.prompt_len}, {args.new_tokens} new tokens; jax {jax.__version__} "

@@ -56,8 +56,14 @@ def xla_attention(q, k, v, *, causal=True, window=None, q_segment_ids=None,
     _, q_len, _, head_dim = q.shape
     kv_len = k.shape[1]
     scale = head_dim ** -0.5 if scale is None else scale
-    scores = jnp.einsum("bqnd,bknd->bnqk", q, k, precision=precision,
-                        preferred_element_type=jnp.float32) * scale
+    if q_len == 1:
+        # One query (decode): matrix-vector products per (row, head) with no unit dimension,
+        # which XLA runs on a heads-major KV cache in place instead of transposing it.
+        scores = jnp.einsum("bnkd,bnd->bnk", jnp.swapaxes(k, 1, 2), q[:, 0], precision=precision,
+                            preferred_element_type=jnp.float32)[:, :, None] * scale
+    else:
+        scores = jnp.einsum("bqnd,bknd->bnqk", q, k, precision=precision,
+                            preferred_element_type=jnp.float32) * scale
     mask = attention_mask(q_len, kv_len, causal=causal, window=window,
                           q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids,
                           q_offset=q_offset)
@@ -66,6 +72,9 @@ def xla_attention(q, k, v, *, causal=True, window=None, q_segment_ids=None,
     if dropout_rate > 0.0 and dropout_rng is not None:
         keep = jax.random.bernoulli(dropout_rng, 1.0 - dropout_rate, probs.shape)
         probs = jnp.where(keep, probs / (1.0 - dropout_rate), 0.0)
+    if q_len == 1:
+        return jnp.einsum("bnk,bnkd->bnd", probs[:, :, 0].astype(v.dtype), jnp.swapaxes(v, 1, 2),
+                          precision=precision)[:, None]
     return jnp.einsum("bnqk,bknd->bqnd", probs.astype(v.dtype), v, precision=precision)
 
 

@@ -73,6 +73,10 @@ class QwenConfig:
     matmul_precision: str = "default"
     attention_impl: str = "auto"  # see attention.resolve_impl
     remat_policy: str = "none"
+    # True: one stacked parameter set (`params["layers"]`, leading layer axis) run by nn.scan;
+    # the layout of training, checkpoints and conversion. False: one subtree per layer
+    # (`params["layers_0"]`...), an unrolled stack; what decoding on CPU uses (see
+    # model.unstack_layers).
     scan_layers: bool = True
 
     def __post_init__(self):

@@ -275,10 +275,21 @@ def load_hf_params(hf_dir, config: QwenConfig, dtype: str | None = None) -> dict
 
 
 # ----------------------------------------------------------------------------- writing
+def layer_params(params, i: int):
+    """Layer i's subtree from either parameter layout: stacked (`params["layers"]`, a leading
+    layer axis) or one subtree per layer (`params["layers_<i>"]`, QwenConfig.scan_layers=False)."""
+    if "layers" not in params:
+        return params[f"layers_{i}"]
+
+    def pick(tree):
+        return {k: pick(v) for k, v in tree.items()} if isinstance(tree, dict) else tree[i]
+
+    return pick(params["layers"])
+
+
 def hf_tensors(params, config: QwenConfig) -> Iterator[tuple[str, np.ndarray]]:
     """Our parameter pytree -> (name, array) in the original layout, one tensor at a time."""
     h = config.hidden_size
-    layers = params["layers"]
 
     def t(x):
         return np.ascontiguousarray(np.asarray(x).T)
@@ -286,17 +297,18 @@ def hf_tensors(params, config: QwenConfig) -> Iterator[tuple[str, np.ndarray]]:
     yield "transformer.wte.weight", np.asarray(params["embed"]["embedding"])
     for i in range(config.num_hidden_layers):
         p = f"transformer.h.{i}."
-        attn, mlp = layers["attn"], layers["mlp"]
-        yield p + "ln_1.weight", np.asarray(layers["ln_1"]["weight"][i])
+        layer = layer_params(params, i)  # either layout: stacked or one subtree per layer
+        attn, mlp = layer["attn"], layer["mlp"]
+        yield p + "ln_1.weight", np.asarray(layer["ln_1"]["weight"])
         yield p + "attn.c_attn.weight", np.concatenate(
-            [np.asarray(attn[name]["kernel"][i]).reshape(h, h).T for name in "qkv"], axis=0)
+            [np.asarray(attn[name]["kernel"]).reshape(h, h).T for name in "qkv"], axis=0)
         yield p + "attn.c_attn.bias", np.concatenate(
-            [np.asarray(attn[name]["bias"][i]).reshape(h) for name in "qkv"])
-        yield p + "attn.c_proj.weight", t(np.asarray(attn["o"]["kernel"][i]).reshape(h, h))
-        yield p + "ln_2.weight", np.asarray(layers["ln_2"]["weight"][i])
-        yield p + "mlp.w1.weight", t(mlp["up"]["kernel"][i])
-        yield p + "mlp.w2.weight", t(mlp["gate"]["kernel"][i])
-        yield p + "mlp.c_proj.weight", t(mlp["down"]["kernel"][i])
+            [np.asarray(attn[name]["bias"]).reshape(h) for name in "qkv"])
+        yield p + "attn.c_proj.weight", t(np.asarray(attn["o"]["kernel"]).reshape(h, h))
+        yield p + "ln_2.weight", np.asarray(layer["ln_2"]["weight"])
+        yield p + "mlp.w1.weight", t(mlp["up"]["kernel"])
+        yield p + "mlp.w2.weight", t(mlp["gate"]["kernel"])
+        yield p + "mlp.c_proj.weight", t(mlp["down"]["kernel"])
     yield "transformer.ln_f.weight", np.asarray(params["ln_f"]["weight"])
     yield "lm_head.weight", t(params["lm_head"]["kernel"])
 

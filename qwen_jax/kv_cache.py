@@ -17,8 +17,8 @@ from qwen_jax.config import QwenConfig
 
 @flax.struct.dataclass
 class KVCache:
-    k: jax.Array  # [layers, batch, max_len, heads, head_dim]
-    v: jax.Array  # [layers, batch, max_len, heads, head_dim]
+    k: jax.Array  # [layers, batch, heads, max_len, head_dim]
+    v: jax.Array  # [layers, batch, heads, max_len, head_dim]
     segment_ids: jax.Array  # [batch, max_len] int32: 1 = a real token, 0 = empty or padding
     index: jax.Array  # [] int32: the next slot to write
     next_position: jax.Array  # [batch] int32: position of each row's next token
@@ -26,7 +26,7 @@ class KVCache:
 
     @property
     def max_len(self) -> int:
-        return self.k.shape[2]
+        return self.k.shape[3]
 
     @property
     def batch_size(self) -> int:
@@ -36,7 +36,7 @@ class KVCache:
 def init_cache(config: QwenConfig, batch_size: int, max_len: int, dtype=None) -> KVCache:
     """An empty cache; `dtype` defaults to the config's compute dtype."""
     dtype = jnp.dtype(dtype or config.dtype)
-    shape = (config.num_hidden_layers, batch_size, max_len, config.num_attention_heads,
+    shape = (config.num_hidden_layers, batch_size, config.num_attention_heads, max_len,
              config.head_dim)
     return KVCache(
         k=jnp.zeros(shape, dtype),
@@ -56,8 +56,8 @@ def cache_bytes(config: QwenConfig, batch_size: int, max_len: int, dtype=None) -
 
 
 CACHE_LOGICAL_AXES = KVCache(
-    k=("layers", "cache_batch", "cache_length", "cache_heads", "cache_kv"),
-    v=("layers", "cache_batch", "cache_length", "cache_heads", "cache_kv"),
+    k=("layers", "cache_batch", "cache_heads", "cache_length", "cache_kv"),
+    v=("layers", "cache_batch", "cache_heads", "cache_length", "cache_kv"),
     segment_ids=("cache_batch", "cache_length"),
     index=(),
     next_position=("cache_batch",),

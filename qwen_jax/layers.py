@@ -70,6 +70,10 @@ class Einsum(nn.Module):
     config: QwenConfig
     bias_shape: tuple[int, ...] | None = None
     bias_axes: tuple[str, ...] | None = None
+    # Run "btnd,ndh->bth" as "bti,ih->bth" (i = n*d; both reshapes are free). On one token
+    # XLA CPU otherwise transposes the whole [n, d, h] kernel every call to match the layout
+    # it picked for the tiny activation.
+    merge_contracting: bool = False
 
     @nn.compact
     def __call__(self, x):
@@ -77,8 +81,15 @@ class Einsum(nn.Module):
         dtype = jnp_dtype(cfg.dtype)
         kernel = self.param("kernel", nn.with_logical_partitioning(dense_init(cfg), self.axes),
                             self.shape, jnp_dtype(cfg.param_dtype))
-        y = jnp.einsum(self.equation, x.astype(dtype), kernel.astype(dtype),
-                       precision=precision(cfg))
+        if self.merge_contracting:
+            if self.equation != "btnd,ndh->bth":
+                raise ValueError(f"merge_contracting needs 'btnd,ndh->bth', not {self.equation!r}")
+            y = jnp.einsum("bti,ih->bth", x.reshape(*x.shape[:2], -1).astype(dtype),
+                           kernel.reshape(-1, kernel.shape[-1]).astype(dtype),
+                           precision=precision(cfg))
+        else:
+            y = jnp.einsum(self.equation, x.astype(dtype), kernel.astype(dtype),
+                           precision=precision(cfg))
         if self.bias_shape is not None:
             bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros,
                                                                    self.bias_axes),

@@ -59,14 +59,20 @@ class Attention(nn.Module):
 
         new_cache_kv = None
         if cache_kv is not None:
+            # Written in place into the stacked cache (a slice written back per layer would
+            # copy the whole layer cache every step), then this layer's slice is read.
             cache_k, cache_v = cache_kv
-            index = ctx["q_offset"]
-            layer_k = jax.lax.dynamic_update_slice(cache_k[layer_idx], k.astype(cache_k.dtype),
-                                                   (0, index, 0, 0))
-            layer_v = jax.lax.dynamic_update_slice(cache_v[layer_idx], v.astype(cache_v.dtype),
-                                                   (0, index, 0, 0))
-            new_cache_kv = (cache_k.at[layer_idx].set(layer_k), cache_v.at[layer_idx].set(layer_v))
-            k, v = layer_k.astype(q.dtype), layer_v.astype(q.dtype)
+            start = (jnp.asarray(layer_idx, jnp.int32), 0, 0,
+                     jnp.asarray(ctx["q_offset"], jnp.int32), 0)
+
+            def write(cache, x):  # x [B, T, N, D] -> cache [L, B, N, S, D]
+                x = jnp.swapaxes(x, 1, 2).astype(cache.dtype)[None]
+                return jax.lax.dynamic_update_slice(cache, x, start)
+
+            cache_k, cache_v = write(cache_k, k), write(cache_v, v)
+            new_cache_kv = (cache_k, cache_v)
+            k = jnp.swapaxes(cache_k[layer_idx], 1, 2).astype(q.dtype)
+            v = jnp.swapaxes(cache_v[layer_idx], 1, 2).astype(q.dtype)
 
         dropout_rng = None
         if self.train and cfg.attn_dropout_prob > 0.0:
@@ -78,7 +84,8 @@ class Attention(nn.Module):
                         dropout_rate=cfg.attn_dropout_prob if self.train else 0.0,
                         dropout_rng=dropout_rng)
         out = checkpoint_name(nn.with_logical_constraint(out, _ACT_HEADS), "attn_out")
-        out = Einsum("btnd,ndh->bth", (n, d, h), ("heads", "kv", "embed"), cfg, name="o")(out)
+        out = Einsum("btnd,ndh->bth", (n, d, h), ("heads", "kv", "embed"), cfg, name="o",
+                     merge_contracting=out.shape[1] == 1)(out)
         return checkpoint_name(out, "out_proj"), new_cache_kv
 
 
@@ -193,13 +200,16 @@ class Qwen(nn.Module):
         if cfg.remat_policy != "none" and train:
             layer = nn.remat(layer, prevent_cse=not cfg.scan_layers,
                              policy=REMAT_POLICIES[cfg.remat_policy])
-        stack = nn.scan(layer, variable_axes={"params": 0}, split_rngs={"params": True,
-                                                                        "dropout": True},
-                        in_axes=(0, nn.broadcast), length=cfg.num_hidden_layers,
-                        unroll=1 if cfg.scan_layers else cfg.num_hidden_layers,
-                        metadata_params={nn.PARTITION_NAME: "layers"})
-        (x, cache_kv), _ = stack(cfg, train, name="layers")(
-            (x, cache_kv), jnp.arange(cfg.num_hidden_layers, dtype=jnp.int32), ctx)
+        if cfg.scan_layers:
+            stack = nn.scan(layer, variable_axes={"params": 0},
+                            split_rngs={"params": True, "dropout": True},
+                            in_axes=(0, nn.broadcast), length=cfg.num_hidden_layers,
+                            metadata_params={nn.PARTITION_NAME: "layers"})
+            (x, cache_kv), _ = stack(cfg, train, name="layers")(
+                (x, cache_kv), jnp.arange(cfg.num_hidden_layers, dtype=jnp.int32), ctx)
+        else:  # one module (and parameter set) per layer: see unstack_layers
+            for i in range(cfg.num_hidden_layers):
+                (x, cache_kv), _ = layer(cfg, train, name=f"layers_{i}")((x, cache_kv), i, ctx)
 
         x = RMSNorm(cfg.layer_norm_epsilon, jnp_dtype(cfg.param_dtype), name="ln_f")(x)
         lm_head = Einsum("bth,hv->btv", (cfg.hidden_size, cfg.vocab_size), ("embed", "vocab"),
@@ -235,3 +245,40 @@ def param_logical_axes(config: QwenConfig):
     abstract = jax.eval_shape(lambda: Qwen(config).init(jax.random.PRNGKey(0),
                                                         jnp.zeros((1, 8), jnp.int32)))
     return nn.get_partition_spec(abstract)["params"]
+
+
+def unstack_layers(params, config: QwenConfig, *, consume: bool = False):
+    """The stacked layout (`params["layers"]`, a leading layer axis: what `nn.scan` trains,
+    checkpoints hold and convert_hf.py reads and writes) -> one subtree per layer
+    (`params["layers_0"]`, ...), returned with `config.replace(scan_layers=False)` to run it.
+
+    Decoding on CPU wants this: inside the scan XLA CPU copies every layer's weights out of
+    the stack before its matmuls, which doubles the memory traffic of a memory-bound decode
+    step (bench/generate.py: 20 -> 33 tokens/s at batch 1). With consume=True the stacked
+    subtree is taken out of `params` itself and each stacked array is dropped as soon as it is
+    split: the peak is the model plus one tensor instead of two models."""
+    if not config.scan_layers:
+        return params, config
+    stacked = params.pop("layers") if consume else params["layers"]
+    params = {k: v for k, v in params.items() if k != "layers"}
+    leaves, treedef = jax.tree_util.tree_flatten(stacked)
+    del stacked
+    n = config.num_hidden_layers
+    split = []
+    for i in range(len(leaves)):
+        leaf, leaves[i] = leaves[i], None
+        split.append([leaf[j] for j in range(n)])
+        del leaf
+    for j in range(n):
+        params[f"layers_{j}"] = jax.tree_util.tree_unflatten(treedef, [s[j] for s in split])
+    return params, config.replace(scan_layers=False)
+
+
+def stack_layers(params, config: QwenConfig):
+    """The inverse of `unstack_layers`."""
+    if config.scan_layers:
+        return params, config
+    params = dict(params)
+    per_layer = [params.pop(f"layers_{j}") for j in range(config.num_hidden_layers)]
+    params["layers"] = jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *per_layer)
+    return params, config.replace(scan_layers=True)

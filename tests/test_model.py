@@ -10,7 +10,7 @@ import pytest
 from qwen_jax.config import QwenConfig
 from qwen_jax.kv_cache import cache_bytes, init_cache
 from qwen_jax.long_context import ntk_alpha_from_level
-from qwen_jax.model import Qwen, default_positions, init_params
+from qwen_jax.model import Qwen, default_positions, init_params, stack_layers, unstack_layers
 
 CFG = QwenConfig(hidden_size=64, num_attention_heads=4, kv_channels=16, num_hidden_layers=2,
                  intermediate_size=256, seq_length=32, vocab_size=256, initializer_range=0.2,
@@ -47,9 +47,21 @@ def test_logits_are_not_trivial(params):
     assert logits.std() > 0.5  # weights are large enough for mistakes to show
 
 
-def test_scan_equals_unrolled(params):
+def test_scan_equals_unstacked_layers(params):
+    """scan_layers=False runs one parameter subtree per layer; unstack/stack convert exactly."""
     ids = tokens(2, 24)
-    close(forward(CFG, params, ids), forward(CFG.replace(scan_layers=False), params, ids))
+    flat, cfg = unstack_layers(params, CFG)
+    assert not cfg.scan_layers and "layers" not in flat and "layers_1" in flat
+    close(forward(CFG, params, ids), forward(cfg, flat, ids))
+    back, cfg2 = stack_layers(flat, cfg)
+    assert cfg2 == CFG
+    jax.tree_util.tree_map(np.testing.assert_array_equal, back, params)
+    # and the same cached decode, token by token
+    cache_a, cache_b = init_cache(CFG, 2, 32, jnp.float32), init_cache(CFG, 2, 32, jnp.float32)
+    for t in range(ids.shape[1]):
+        a, cache_a = apply(CFG, params, jnp.asarray(ids[:, t:t + 1]), cache=cache_a)
+        b, cache_b = apply(cfg, flat, jnp.asarray(ids[:, t:t + 1]), cache=cache_b)
+        close(a, b)
 
 
 @pytest.mark.parametrize("chunks", [(24,), (10, 14), (10, 1, 1, 12)])
@@ -213,3 +225,40 @@ def test_cache_bytes():
     cache = init_cache(CFG, 3, 40, jnp.bfloat16)
     nbytes = sum(x.nbytes for x in jax.tree_util.tree_leaves(cache))
     assert cache_bytes(CFG, 3, 40, jnp.bfloat16) == nbytes
+
+
+def test_unstack_consume_and_export_from_either_layout(params):
+    from qwen_jax.convert import hf_tensors
+
+    owned = dict(params)
+    flat, cfg = unstack_layers(owned, CFG, consume=True)
+    assert "layers" not in owned  # the stacked arrays were handed over, not duplicated
+    for (name_a, a), (name_b, b) in zip(hf_tensors(params, CFG), hf_tensors(flat, cfg),
+                                        strict=True):
+        assert name_a == name_b
+        np.testing.assert_array_equal(a, b)
+
+
+def test_cpu_decode_step_reads_weights_and_cache_in_place(params):
+    """The compiled one-token step on CPU must not copy or transpose any weight matrix or the
+    KV cache (each would add its size to the memory traffic of every decoded token)."""
+    flat, cfg = unstack_layers(params, CFG)
+    slots = 96  # a length no weight or activation dimension has
+    step = jax.jit(lambda p, t, c: Qwen(cfg).apply({"params": p}, t, cache=c),
+                   donate_argnums=(2,))
+    hlo = step.lower(flat, jnp.zeros((2, 1), jnp.int32),
+                     init_cache(cfg, 2, slots, jnp.float32)).compile().as_text()
+    smallest = CFG.hidden_size * CFG.hidden_size  # a weight matrix; one layer's cache: more
+    offenders = []  # one token's activations are far smaller (logits: 2 x 256)
+    for line in hlo.splitlines():
+        if " = " not in line:
+            continue
+        name = line.split(" = ", 1)[0]
+        if not any(op in line for op in (" copy(", " transpose(")) and not any(
+                op in name for op in ("copy", "transpose", "dynamic-slice")):
+            continue
+        shape = line.split(" = ", 1)[1].split("{")[0]
+        dims = [int(d) for d in shape[shape.find("[") + 1:shape.find("]")].split(",") if d]
+        if int(np.prod(dims)) >= smallest:
+            offenders.append(line.strip()[:160])
+    assert not offenders, offenders
