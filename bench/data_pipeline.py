@@ -35,7 +35,8 @@ def main() -> None:
     config = DataConfig(source="stdlib", seq_len=args.seq_len, batch_size=args.batch_size,
                         num_workers=args.workers, read_threads=args.read_threads, seed=0,
                         shard_index=0, shard_count=1)
-    print(f"tokenizer: {tokenizer.name}")
+    print(f"tokenizer: {type(tokenizer).__name__}, {pathlib.Path(args.tiktoken).name}, "
+          f"{tokenizer.vocab_size} ids")
     print(f"settings: source=stdlib seq_len={args.seq_len} batch={args.batch_size} "
           f"workers={args.workers} read_threads={args.read_threads} batches={args.batches}")
     it = make_pretrain_iterator(config, tokenizer)
