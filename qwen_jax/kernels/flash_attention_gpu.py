@@ -40,8 +40,14 @@ def _tile(run, full, masked_step, plain_step, carry):
     return lax.cond(run, lambda c: lax.cond(full, plain_step, masked_step, c), lambda c: c, carry)
 
 
-def _seg_run_full(q_seg, kv_seg):
-    return common.segment_visibility(q_seg.min(), q_seg.max(), kv_seg.min(), kv_seg.max())
+def _visibility(qi, ki, bq, bk, meta, spec, q_seg, kv_seg):
+    """(run, full) of the tile (query block qi, key block ki): positions, then segment ids."""
+    run, full = common.block_visibility(qi * bq, bq, ki * bk, bk, meta, spec)
+    if spec.has_segments:
+        seg_run, seg_full = common.segment_visibility(q_seg.min(), q_seg.max(), kv_seg.min(),
+                                                      kv_seg.max())
+        run, full = run & seg_run, full & seg_full
+    return run, full
 
 
 def _fwd_kernel(meta_ref, q_ref, k_ref, v_ref, *refs, spec, bq, bk):
@@ -58,10 +64,7 @@ def _fwd_kernel(meta_ref, q_ref, k_ref, v_ref, *refs, spec, bq, bk):
     def body(ki, carry):
         keys = pl.ds(ki * bk, bk)
         kv_seg = kvseg_ref[keys] if spec.has_segments else None
-        run, full = common.block_visibility(qi * bq, bq, ki * bk, bk, meta, spec)
-        if spec.has_segments:
-            seg_run, seg_full = _seg_run_full(q_seg, kv_seg)
-            run, full = run & seg_run, full & seg_full
+        run, full = _visibility(qi, ki, bq, bk, meta, spec, q_seg, kv_seg)
 
         def step(masked, carry):
             acc, m_prev, l_prev = carry
@@ -108,10 +111,7 @@ def _dq_kernel(meta_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs,
     def body(ki, dq):
         keys = pl.ds(ki * bk, bk)
         kv_seg = kvseg_ref[keys] if spec.has_segments else None
-        run, full = common.block_visibility(qi * bq, bq, ki * bk, bk, meta, spec)
-        if spec.has_segments:
-            seg_run, seg_full = _seg_run_full(q_seg, kv_seg)
-            run, full = run & seg_run, full & seg_full
+        run, full = _visibility(qi, ki, bq, bk, meta, spec, q_seg, kv_seg)
 
         def step(masked, dq):
             k = k_ref[keys, :]
@@ -146,10 +146,7 @@ def _dkdv_kernel(meta_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *ref
     def body(qi, carry):
         rows = pl.ds(qi * bq, bq)
         q_seg = qseg_ref[rows] if spec.has_segments else None
-        run, full = common.block_visibility(qi * bq, bq, ki * bk, bk, meta, spec)
-        if spec.has_segments:
-            seg_run, seg_full = _seg_run_full(q_seg, kv_seg)
-            run, full = run & seg_run, full & seg_full
+        run, full = _visibility(qi, ki, bq, bk, meta, spec, q_seg, kv_seg)
 
         def step(masked, carry):
             dk, dv = carry
