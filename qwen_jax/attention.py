@@ -27,6 +27,8 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
+from qwen_jax.sharding import target_platform
+
 _MASK_VALUE = float(jnp.finfo(jnp.float32).min)
 
 
@@ -82,16 +84,6 @@ _BATCH_AXES = ("data", "fsdp")  # as qwen_jax.sharding: batch over data/fsdp, he
 _HEAD_AXIS = "tensor"
 
 
-def _target_platform() -> str:
-    """Platform the call is traced for: the context mesh's devices, else the default device
-    (an AOT compile for a TPU topology traces on a CPU host)."""
-    mesh = jax.sharding.get_abstract_mesh()
-    if not mesh.empty and mesh.abstract_device is not None:
-        return mesh.abstract_device.platform
-    device = jax.config.jax_default_device
-    return device.platform if device is not None else jax.default_backend()
-
-
 def _mesh_axes(mesh, names, size: int):
     """The free (non-manual) axes of `names` in `mesh`, dropping trailing ones until their
     product divides `size` (e.g. a batch of 1 while decoding on a data-parallel mesh)."""
@@ -117,7 +109,7 @@ def pallas_attention(q, k, v, *, causal=True, window=None, q_segment_ids=None,
                              kv_segment_ids=kv_segment_ids, q_offset=q_offset, scale=scale,
                              precision=precision, dropout_rate=dropout_rate,
                              dropout_rng=dropout_rng)
-    platform = _target_platform()
+    platform = target_platform()
     if backend is None:
         backend = os.environ.get("QWEN_JAX_PALLAS_BACKEND", "gpu" if platform == "gpu" else "tpu")
     if interpret is None:

@@ -153,3 +153,13 @@ def activation_sharding(mesh: Mesh, rules=RULES):
     """Context in which the model's logical activation constraints take effect."""
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
         yield
+
+
+def target_platform() -> str:
+    """Platform the running trace is for: the context mesh's devices, else the default device
+    (an AOT compile for a TPU topology traces on a CPU host)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if not mesh.empty and mesh.abstract_device is not None:
+        return mesh.abstract_device.platform
+    device = jax.config.jax_default_device
+    return device.platform if device is not None else jax.default_backend()

@@ -138,3 +138,27 @@ def test_roofline_model():
                                                num_slices=n) for n in (1, 2))
     assert one_slice["dcn_bytes_per_device"] == 0 < two_slices["dcn_bytes_per_device"]
     assert two_slices["comm_seconds"] > one_slice["comm_seconds"]
+
+
+def test_tpu_traces_keep_the_plain_projection():
+    """The bf16 projection with float32-output dots is a CPU speed path; a trace for a TPU
+    topology (what --compile-only and docs/scaling.md compile) keeps the plain einsum."""
+    import jax
+    import jax.numpy as jnp
+    from jax.experimental import topologies
+
+    from qwen_jax.model import Qwen, init_params
+
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+    config = preset("tiny", dtype="bfloat16")
+    params = jax.eval_shape(lambda: init_params(config, jax.random.PRNGKey(0)))
+    ids = jax.ShapeDtypeStruct((2, 16), jnp.int32)
+
+    def custom_vjps():
+        jaxpr = jax.make_jaxpr(lambda p, t: Qwen(config).apply({"params": p}, t)[0])(params, ids)
+        return str(jaxpr).count("custom_vjp_call")
+
+    assert custom_vjps() > 0  # on this CPU host
+    device = topologies.get_topology_desc(topology_name="v5e:2x2", platform="tpu").devices[0]
+    with jax.default_device(device):
+        assert custom_vjps() == 0

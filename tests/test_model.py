@@ -1,6 +1,7 @@
 """Model behaviour beyond the reference vectors: cache, chunks, padding, windows, modes."""
 
 import functools
+import re
 
 import jax
 import jax.numpy as jnp
@@ -9,6 +10,7 @@ import pytest
 
 from qwen_jax.config import QwenConfig
 from qwen_jax.kv_cache import cache_bytes, init_cache
+from qwen_jax.layers import einsum_f32_accumulate
 from qwen_jax.long_context import ntk_alpha_from_level
 from qwen_jax.model import Qwen, default_positions, init_params, stack_layers, unstack_layers
 
@@ -262,3 +264,88 @@ def test_cpu_decode_step_reads_weights_and_cache_in_place(params):
         if int(np.prod(dims)) >= smallest:
             offenders.append(line.strip()[:160])
     assert not offenders, offenders
+
+
+@pytest.mark.parametrize("equation,x_shape,k_shape", [
+    ("bth,hnd->btnd", (2, 24, 64), (64, 4, 16)),
+    ("btnd,ndh->bth", (2, 24, 4, 16), (4, 16, 64)),
+    ("bth,hv->btv", (2, 24, 64), (64, 300)),
+])
+def test_f32_accumulate_projection_values_and_gradients(equation, x_shape, k_shape):
+    """The CPU bfloat16 projection: the plain einsum's values; dx as the plain einsum's, dkernel
+    without the bf16 rounding (float32 master weights get the exact product of the bf16
+    operands)."""
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.normal(size=x_shape), jnp.bfloat16)
+    kernel = jnp.asarray(rng.normal(size=k_shape), jnp.float32)
+    g = jnp.asarray(rng.normal(size=jnp.einsum(equation, x, kernel).shape), jnp.bfloat16)
+    f32 = lambda a: a.astype(jnp.float32)  # noqa: E731
+    hi = functools.partial(jnp.einsum, precision="highest")
+
+    y, vjp = jax.vjp(lambda a, b: einsum_f32_accumulate(equation, a, b, jnp.bfloat16), x, kernel)
+    dx, dkernel = vjp(g)
+    assert y.dtype == dx.dtype == jnp.bfloat16 and dkernel.dtype == jnp.float32
+    kernel16 = f32(kernel.astype(jnp.bfloat16))
+    exact = hi(equation, f32(x), kernel16)
+    ulp = np.abs(np.asarray(exact)) * 2.0 ** -7 + 1e-6  # one bf16 step at these magnitudes
+    assert np.all(np.abs(np.asarray(f32(y)) - np.asarray(exact)) <= ulp)
+    plain_y, plain_vjp = jax.vjp(lambda a, b: jnp.einsum(equation, a, b.astype(jnp.bfloat16)),
+                                 x, kernel)
+    close(f32(y), f32(plain_y), atol=float(ulp.max()))
+    lhs, rhs = equation.split("->")[0].split(",")
+    out = equation.split("->")[1]
+    close(f32(dx), hi(f"{out},{rhs}->{lhs}", f32(g), kernel16),
+          atol=float(np.abs(np.asarray(f32(dx))).max()) * 2.0 ** -7)
+    exact_dk = hi(f"{lhs},{out}->{rhs}", f32(x), f32(g))
+    close(dkernel, exact_dk, atol=1e-4)
+    # the plain path rounds dkernel to bfloat16: visibly further from the exact product
+    plain_dk = plain_vjp(g)[1]
+    assert np.abs(np.asarray(plain_dk - exact_dk)).max() > 10 * np.abs(
+        np.asarray(dkernel - exact_dk)).max()
+
+
+def test_f32_accumulate_rejects_non_projections():
+    x, k = jnp.ones((2, 3, 4)), jnp.ones((4, 5))
+    for equation in ("bth,hv->bvt", "bth,vh->btv", "btn,nb->bt"):
+        with pytest.raises(ValueError, match="not a dense projection"):
+            einsum_f32_accumulate(equation, x, k, jnp.bfloat16)
+
+
+def _projection_dot_operand_types(hlo: str) -> dict[str, set[str]]:
+    """{projection name: element types of its dots' operands} in a compiled CPU module."""
+    types = dict(re.findall(r"%([\w.\-]+) = (\w+)\[", hlo))
+    found: dict[str, set[str]] = {}
+    for line in hlo.splitlines():
+        m = re.search(r"= \w+\[[^\]]*\]\S* dot\(%([\w.\-]+), %([\w.\-]+)\).*op_name=\"[^\"]*/"
+                      r"(q|k|v|o|up|gate|down|lm_head)/(?:[^/\"]*/)?dot_general", line)
+        if m:
+            found.setdefault(m.group(3), set()).update((types[m.group(1)], types[m.group(2)]))
+    return found
+
+
+def test_cpu_bfloat16_training_runs_bf16_dots(monkeypatch):
+    """XLA CPU reaches its bf16 dot speed only for bf16 x bf16 -> f32 dots whose left operand
+    contracts its last dimension; every other bf16 dot is silently upcast to float32. Every
+    projection of the bf16 training step (forward, dx and dkernel) must stay bf16."""
+    from qwen_jax import layers
+    from qwen_jax.trainer import Trainer
+    from qwen_jax.optim import OptimizerConfig
+    from qwen_jax import sharding
+
+    config = CFG.replace(dtype="bfloat16", matmul_precision="default")
+    ids = tokens(2, 32)
+    batch = {"inputs": ids, "targets": ids, "loss_mask": np.ones(ids.shape, np.float32)}
+
+    def operand_types():
+        trainer = Trainer(config, OptimizerConfig(warmup_steps=0, total_steps=10),
+                          sharding.make_mesh((1, 1, 1), jax.devices()[:1]))
+        hlo = trainer.jit_train_step().lower(trainer.abstract_state(), batch,
+                                             jax.random.PRNGKey(0)).compile().as_text()
+        return _projection_dot_operand_types(hlo)
+
+    found = operand_types()
+    assert set(found) == {"q", "k", "v", "o", "up", "gate", "down", "lm_head"}, found
+    assert all(t == {"bf16"} for t in found.values()), found
+    # the plain einsum (bf16 result, transposed dkernel operand) is upcast: the check can fail
+    monkeypatch.setattr(layers, "accumulate_in_f32", lambda dtype: False)
+    assert any("f32" in t for t in operand_types().values())
