@@ -106,10 +106,10 @@ def matmul_peak(dtype: str) -> float:
     torch, a square n = 2048 product and one of the model's projection shapes)."""
     import torch
 
+    f = jax.jit(lambda x, y: jnp.dot(x, y, preferred_element_type=jnp.float32))
     best = 0.0
     for m, k, n in ((2048, 2048, 2048), (BATCH * SEQ, SHAPE.hidden_size, SHAPE.mlp_width)):
         a, b = jnp.ones((m, k), dtype), jnp.ones((k, n), dtype)
-        f = jax.jit(lambda x, y: jnp.dot(x, y, preferred_element_type=jnp.float32))
         jax_s = time_steps(lambda: f(a, b).block_until_ready(), 10)
         ta = torch.ones((m, k), dtype=getattr(torch, dtype))
         tb = torch.ones((k, n), dtype=getattr(torch, dtype))

@@ -126,7 +126,7 @@ def _dense_f32_fwd(n_contract, dtype, precision, x, kernel):
 def _dense_f32_bwd(n_contract, dtype, precision, residuals, g):
     x, kernel = residuals
     n_lead = x.ndim - n_contract
-    g2 = _as_matrix(g.astype(dtype), n_lead)  # [lead, out]
+    g2 = _as_matrix(g, n_lead)  # [lead, out], in dtype like the output
     k2 = _as_matrix(kernel.astype(dtype), n_contract)  # [c, out]
     dx = _dot32(g2, k2, 1, precision).astype(x.dtype).reshape(x.shape)
     x2t = _transposed_copy(_as_matrix(x, n_lead))  # [c, lead]

@@ -8,11 +8,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from qwen_jax import layers, sharding
 from qwen_jax.config import QwenConfig
 from qwen_jax.kv_cache import cache_bytes, init_cache
 from qwen_jax.layers import einsum_f32_accumulate
 from qwen_jax.long_context import ntk_alpha_from_level
 from qwen_jax.model import Qwen, default_positions, init_params, stack_layers, unstack_layers
+from qwen_jax.optim import OptimizerConfig
+from qwen_jax.trainer import Trainer
 
 CFG = QwenConfig(hidden_size=64, num_attention_heads=4, kv_channels=16, num_hidden_layers=2,
                  intermediate_size=256, seq_length=32, vocab_size=256, initializer_range=0.2,
@@ -327,11 +330,6 @@ def test_cpu_bfloat16_training_runs_bf16_dots(monkeypatch):
     """XLA CPU reaches its bf16 dot speed only for bf16 x bf16 -> f32 dots whose left operand
     contracts its last dimension; every other bf16 dot is silently upcast to float32. Every
     projection of the bf16 training step (forward, dx and dkernel) must stay bf16."""
-    from qwen_jax import layers
-    from qwen_jax.trainer import Trainer
-    from qwen_jax.optim import OptimizerConfig
-    from qwen_jax import sharding
-
     config = CFG.replace(dtype="bfloat16", matmul_precision="default")
     ids = tokens(2, 32)
     batch = {"inputs": ids, "targets": ids, "loss_mask": np.ones(ids.shape, np.float32)}
