@@ -5,8 +5,8 @@ from qwen_jax.checkpoint import CheckpointError, load_params, save_checkpoint
 from qwen_jax.config import PRESETS, ConfigError, QwenConfig, preset
 from qwen_jax.kv_cache import KVCache, cache_bytes, init_cache
 from qwen_jax.long_context import dynamic_ntk_alpha, logn_scale
-from qwen_jax.model import Qwen, init_params, param_logical_axes
-from qwen_jax.sharding import make_mesh, param_shardings
+from qwen_jax.model import Qwen, init_params, param_logical_axes, param_shardings
+from qwen_jax.sharding import make_mesh
 
 __all__ = [
     "PRESETS", "CheckpointError", "ConfigError", "KVCache", "Qwen", "QwenConfig", "attention",

@@ -31,9 +31,8 @@ from jax.sharding import AxisType, Mesh, NamedSharding
 from qwen_jax import roofline
 from qwen_jax import sharding as shd
 from qwen_jax import train_loop
-from qwen_jax.checkpoint import abstract_params
 from qwen_jax.kv_cache import CACHE_LOGICAL_AXES, KVCache, init_cache
-from qwen_jax.model import Qwen
+from qwen_jax.model import Qwen, abstract_params, param_shardings
 from qwen_jax.data import BATCH_KEYS
 
 TOPOLOGY_HELP = ("a libtpu topology name such as v5e:2x4, v5e:16x16, v6e:8x16, v4:4x4x8 or "
@@ -183,7 +182,7 @@ def compile_decode(model_config, mesh: Mesh, sl: Slice, batch: int, max_len: int
     """One greedy decoding step: [batch, 1] tokens against a cache of max_len, bf16 weights."""
     config = _tpu_model_config(model_config).replace(param_dtype=model_config.dtype,
                                                      remat_policy="none")
-    param_sh = shd.param_shardings(config, mesh)
+    param_sh = param_shardings(config, mesh)
     cache_sh = cache_shardings(mesh)
     token_sh = shd.batch_sharding(mesh, 2)
     model = Qwen(config)

@@ -146,17 +146,6 @@ def load_config(directory) -> QwenConfig:
         raise CheckpointError(str(e)) from None
 
 
-def abstract_params(config: QwenConfig, shardings=None):
-    """Shape/dtype structs of the parameters of `config` (optionally with shardings)."""
-    from qwen_jax.model import init_params  # local: keeps this module light for the CLI
-
-    shapes = jax.eval_shape(lambda: init_params(config, jax.random.PRNGKey(0)))
-    if shardings is None:
-        return shapes
-    return jax.tree_util.tree_map(
-        lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings)
-
-
 def load_params(directory, config: QwenConfig | None = None, shardings=None, as_numpy=False):
     """Restore (params, config). With `shardings` (a pytree of jax.sharding.Sharding) the
     arrays are restored directly onto them, resharding as needed; `as_numpy` gives host arrays.
@@ -171,6 +160,8 @@ def load_params(directory, config: QwenConfig | None = None, shardings=None, as_
     params_dir = directory / PARAMS_DIR
     if not params_dir.is_dir():
         raise CheckpointError(f"{directory}: no {PARAMS_DIR}/ (incomplete checkpoint)")
+    from qwen_jax.model import abstract_params  # local: keeps this module light for the CLI
+
     abstract = abstract_params(config.replace(param_dtype=stored.param_dtype), shardings)
     if as_numpy:
         abstract = jax.tree_util.tree_map(lambda s: np.zeros(s.shape, s.dtype), abstract)

@@ -23,6 +23,7 @@ from qwen_jax.config import QwenConfig
 from qwen_jax.kv_cache import KVCache
 from qwen_jax.layers import (MLP, Einsum, RMSNorm, apply_rope, dense_init, jnp_dtype, precision,
                              rope_cos_sin)
+from qwen_jax.sharding import RULES, tree_shardings
 
 _ACT = ("activation_batch", "activation_length", "activation_embed")
 _ACT_HEADS = ("activation_batch", "activation_length", "activation_heads", "activation_kv")
@@ -245,6 +246,20 @@ def param_logical_axes(config: QwenConfig):
     abstract = jax.eval_shape(lambda: Qwen(config).init(jax.random.PRNGKey(0),
                                                         jnp.zeros((1, 8), jnp.int32)))
     return nn.get_partition_spec(abstract)["params"]
+
+
+def abstract_params(config: QwenConfig, shardings=None):
+    """Shape/dtype structs of the parameters of `config` (optionally with shardings)."""
+    shapes = jax.eval_shape(lambda: init_params(config, jax.random.PRNGKey(0)))
+    if shardings is None:
+        return shapes
+    return jax.tree_util.tree_map(
+        lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings)
+
+
+def param_shardings(config: QwenConfig, mesh, rules=RULES):
+    """NamedShardings of every parameter of `config` on `mesh`."""
+    return tree_shardings(param_logical_axes(config), mesh, abstract_params(config), rules)
 
 
 def unstack_layers(params, config: QwenConfig, *, consume: bool = False):

@@ -131,14 +131,6 @@ def _axes(axes) -> tuple[str, ...]:
     return (axes,) if isinstance(axes, str) else tuple(axes)
 
 
-def param_shardings(config, mesh: Mesh, rules=RULES):
-    """NamedShardings of every parameter of `config` on `mesh`."""
-    from qwen_jax.checkpoint import abstract_params
-    from qwen_jax.model import param_logical_axes
-
-    return tree_shardings(param_logical_axes(config), mesh, abstract_params(config), rules)
-
-
 def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec())
 

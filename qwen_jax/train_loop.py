@@ -27,6 +27,7 @@ from qwen_jax.metrics import MetricsWriter
 from qwen_jax.optim import OptimizerConfig
 from qwen_jax.tokenizer import ByteTokenizer, TokenizerFileError, load_tokenizer
 from qwen_jax.train_checkpoint import TrainCheckpointer
+from qwen_jax.model import param_shardings
 from qwen_jax.trainer import Trainer
 
 _SHAPE_KEYS = ("hidden_size", "num_attention_heads", "num_hidden_layers", "intermediate_size",
@@ -126,7 +127,7 @@ def build_trainer(cfg, mesh=None) -> Trainer:
     opt = OptimizerConfig(total_steps=cfg.num_train_steps, **dict(cfg.optimizer))
     try:
         opt.validate()
-        shd.param_shardings(config, mesh)
+        param_shardings(config, mesh)
     except (ValueError, shd.ShardingError) as e:
         raise TrainError(f"config: {e}") from None
     return Trainer(config, opt, mesh, micro)

@@ -18,7 +18,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from qwen_jax import sharding as shd
 from qwen_jax.config import QwenConfig
-from qwen_jax.model import Qwen, init_params
+from qwen_jax.model import Qwen, init_params, param_shardings
 from qwen_jax.optim import OptimizerConfig, learning_rate_schedule, make_optimizer
 
 @flax.struct.dataclass
@@ -47,7 +47,7 @@ class Trainer:
 
     # ------------------------------------------------------------------ shardings
     def param_shardings(self):
-        return shd.param_shardings(self.model_config, self.mesh)
+        return param_shardings(self.model_config, self.mesh)
 
     def state_shardings(self) -> TrainState:
         params = self.param_shardings()

@@ -23,7 +23,7 @@ from qwen_jax.config import QwenConfig
 from qwen_jax.kernels import BlockSizes, flash_attention
 from qwen_jax.kernels import flash_attention_tpu
 from qwen_jax.kv_cache import init_cache
-from qwen_jax.model import Qwen, init_params
+from qwen_jax.model import Qwen, init_params, param_shardings
 
 # libtpu takes a host-wide lock; any other JAX process on this host that probed for a TPU
 # (one started without JAX_PLATFORMS=cpu) holds it, and the topology compiles only need libtpu's
@@ -189,7 +189,7 @@ def test_sharded_model_and_cached_chunks_pallas_equal_xla(params):
     ids = jax.random.randint(jax.random.PRNGKey(2), (4, 40), 0, 256)
     single = jax.jit(lambda p, t: Qwen(CFG).apply({"params": p}, t)[0])(params, ids)
     mesh = sharding.make_mesh((2, 2, 2))
-    shardings, batch = sharding.param_shardings(pallas, mesh), sharding.batch_sharding(mesh)
+    shardings, batch = param_shardings(pallas, mesh), sharding.batch_sharding(mesh)
     with sharding.activation_sharding(mesh):
         fn = jax.jit(lambda p, t: Qwen(pallas).apply({"params": p}, t)[0],
                      in_shardings=(shardings, batch))

@@ -9,7 +9,7 @@ from jax.sharding import PartitionSpec as P
 from qwen_jax import sharding
 from qwen_jax.config import QwenConfig
 from qwen_jax.kv_cache import CACHE_LOGICAL_AXES, init_cache
-from qwen_jax.model import Qwen, init_params
+from qwen_jax.model import Qwen, init_params, param_shardings
 
 CFG = QwenConfig(hidden_size=64, num_attention_heads=4, kv_channels=16, num_hidden_layers=2,
                  intermediate_size=256, seq_length=32, vocab_size=256, initializer_range=0.1,
@@ -28,7 +28,7 @@ def test_sharded_forward_equals_single_device(shape):
     single = jax.jit(lambda p, t: Qwen(CFG).apply({"params": p}, t)[0])(params, ids)
 
     mesh = sharding.make_mesh(shape)
-    shardings = sharding.param_shardings(CFG, mesh)
+    shardings = param_shardings(CFG, mesh)
     sharded_params = jax.device_put(params, shardings)
     assert sharded_params["layers"]["attn"]["q"]["kernel"].sharding.spec == \
         P(None, "fsdp", "tensor", None)
@@ -53,7 +53,7 @@ def test_sharded_cached_decoding():
     step = lambda p, t, c: Qwen(CFG).apply({"params": p}, t, cache=c)  # noqa: E731
     want, _ = jax.jit(step)(params, ids, cache)
     with sharding.activation_sharding(mesh):
-        got, new_cache = jax.jit(step)(jax.device_put(params, sharding.param_shardings(CFG, mesh)),
+        got, new_cache = jax.jit(step)(jax.device_put(params, param_shardings(CFG, mesh)),
                                        ids, jax.device_put(cache, cache_shardings))
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-5, rtol=0)
     assert int(new_cache.index) == 12
@@ -82,4 +82,4 @@ def test_indivisible_dimension_is_reported():
     mesh = sharding.make_mesh((1, 1, 8))
     with pytest.raises(sharding.ShardingError, match=r"\['layers'\]\['attn'\]\['k'\]\['bias'\]"
                        r"|dimension 4 .* not divisible by the mesh size 8"):
-        sharding.param_shardings(CFG, mesh)
+        param_shardings(CFG, mesh)
