@@ -54,7 +54,7 @@ def _positive(text: str) -> int:
 
 
 def cmd_import(args) -> int:
-    from qwen_jax import checkpoint, convert
+    from qwen_jax.io import checkpoint, convert
 
     target = pathlib.Path(args.checkpoint_dir)
     if target.exists() and not args.overwrite and (not target.is_dir() or any(target.iterdir())):
@@ -80,7 +80,7 @@ def cmd_import(args) -> int:
 def cmd_export(args) -> int:
     import jax
 
-    from qwen_jax import checkpoint, convert
+    from qwen_jax.io import checkpoint, convert
 
     target = pathlib.Path(args.hf_dir)
     if target.exists() and not args.overwrite and (not target.is_dir() or any(target.iterdir())):
@@ -102,7 +102,7 @@ def cmd_export(args) -> int:
 
 
 def cmd_check(args) -> int:
-    from qwen_jax import hf_reference
+    from qwen_jax.io import hf_reference
 
     result = hf_reference.run_check(args.hf_dir, args.checkpoint_dir, length=args.length,
                                     batch=args.batch, seed=args.seed,
@@ -158,9 +158,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    from qwen_jax.checkpoint import CheckpointError
-    from qwen_jax.config import ConfigError
-    from qwen_jax.convert import ConversionError
+    from qwen_jax.io.checkpoint import CheckpointError
+    from qwen_jax.io.convert import ConversionError
+    from qwen_jax.model.config import ConfigError
 
     try:
         return args.run(args)

@@ -4,7 +4,7 @@
 Resumes automatically from the latest complete checkpoint in DIR/checkpoints. SIGTERM
 (preemption) saves a checkpoint and exits cleanly. See configs/base.py for the keys.
 
-Compile-only (no TPU, no data, no workdir; see qwen_jax/aot.py):
+Compile-only (no TPU, no data, no workdir; see qwen_jax/train/aot.py):
 `python train.py --config configs/14b.py --compile-only --topology v5:4x4x2 [--num-slices N]`
 prints per-device memory against HBM, XLA FLOPs, collectives and a roofline step time / MFU,
 and exits 1 with the compiler's message when the config does not fit.
@@ -42,7 +42,7 @@ def main(argv):
     if not _WORKDIR.value:
         raise app.UsageError("--workdir is required (except with --compile-only)")
     logging.set_verbosity(logging.WARNING)  # Orbax logs every save step at INFO
-    from qwen_jax import train_loop
+    from qwen_jax.train import loop as train_loop
 
     train_loop.maybe_initialize_distributed()
     config = _CONFIG.value
@@ -60,7 +60,8 @@ def compile_only() -> int:
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
     os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
     logging.set_verbosity(logging.WARNING)
-    from qwen_jax import aot, train_loop
+    from qwen_jax.train import aot
+    from qwen_jax.train import loop as train_loop
 
     decode = None if _DECODE_BATCH.value < 0 else _DECODE_BATCH.value
     try:

@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from qwen_jax.attention import attention, xla_attention  # noqa: E402
+from qwen_jax.model.attention import attention, xla_attention  # noqa: E402
 
 
 def impls(backend: str):

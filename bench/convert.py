@@ -25,8 +25,8 @@ import numpy as np
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from qwen_jax.config import preset  # noqa: E402
-from qwen_jax.convert import INDEX_FILE, hf_config_dict, hf_shapes  # noqa: E402
+from qwen_jax.io.convert import INDEX_FILE, hf_config_dict, hf_shapes  # noqa: E402
+from qwen_jax.model.config import preset  # noqa: E402
 
 _PEAK = ("import resource, subprocess, sys; subprocess.run(sys.argv[1:], check=True, "
          "stdout=subprocess.DEVNULL); "

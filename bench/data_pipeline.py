@@ -16,8 +16,8 @@ import time
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from qwen_jax.data import DataConfig, make_pretrain_iterator  # noqa: E402
-from qwen_jax.tokenizer import load_tokenizer  # noqa: E402
+from qwen_jax.data.pipeline import DataConfig, make_pretrain_iterator  # noqa: E402
+from qwen_jax.data.tokenizer import load_tokenizer  # noqa: E402
 
 
 def main() -> None:

@@ -28,10 +28,13 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-from qwen_jax import convert, hf_reference  # noqa: E402
-from qwen_jax.config import QwenConfig  # noqa: E402
-from qwen_jax.generate import GenerationConfig, generate  # noqa: E402
-from qwen_jax.model import init_params, unstack_layers  # noqa: E402
+from qwen_jax.infer.generate import GenerationConfig, generate  # noqa: E402
+from qwen_jax.io import (
+    convert,  # noqa: E402
+    hf_reference,
+)
+from qwen_jax.model.config import QwenConfig  # noqa: E402
+from qwen_jax.model.transformer import init_params, unstack_layers  # noqa: E402
 
 
 def timed(fn, repeats: int) -> float:

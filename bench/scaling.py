@@ -7,7 +7,7 @@ docs/scaling.md.
 
 For each (model, chip) it walks slice sizes from small to large. At each size the options
 (mesh tensor width: 1 or the config's; remat: minimal or full; microbatches 1..32) are ranked
-by the roofline MFU of qwen_jax/roofline.py; an analytic memory estimate (optimizer state,
+by the roofline MFU of qwen_jax/train/roofline.py; an analytic memory estimate (optimizer state,
 saved activations, float32 logits) drops options that cannot fit; the best-ranked remaining
 option is compiled, then, if it does not fit, the leanest one. The first size with a fitting option
 is the answer (sizes below the first one whose leanest option's estimate fits are not
@@ -32,8 +32,8 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
-from qwen_jax import roofline  # noqa: E402
-from qwen_jax.config import preset  # noqa: E402
+from qwen_jax.model.config import preset  # noqa: E402
+from qwen_jax.train import roofline  # noqa: E402
 
 CACHE = ROOT / "docs" / "scaling.json"
 DOC = ROOT / "docs" / "scaling.md"
@@ -164,7 +164,7 @@ def write_doc(rows, cache, command, seconds):
         "and 1-3 GB of host RAM for these models.", "",
         "Memory is the compiler's per-device total (arguments + outputs - aliased + "
         "temporaries + code) against the chip's HBM; MFU is the roofline estimate of "
-        "`qwen_jax/roofline.py` (full overlap of communication; an upper bound, not a "
+        "`qwen_jax/train/roofline.py` (full overlap of communication; an upper bound, not a "
         "measurement). On v4 the compile-only topology has one device per TensorCore (2 per "
         "chip), so the memory is per TensorCore against half the chip's 32 GiB. Sizes "
         "below the first one whose leanest option fits by the analytic estimate in "

@@ -26,10 +26,11 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
-from qwen_jax import flops, sharding  # noqa: E402
-from qwen_jax.config import QwenConfig  # noqa: E402
-from qwen_jax.optim import OptimizerConfig  # noqa: E402
-from qwen_jax.trainer import Trainer  # noqa: E402
+from qwen_jax.model.config import QwenConfig  # noqa: E402
+from qwen_jax.parallel import sharding
+from qwen_jax.train import flops  # noqa: E402
+from qwen_jax.train.optim import OptimizerConfig  # noqa: E402
+from qwen_jax.train.steps import Trainer  # noqa: E402
 
 SHAPE = QwenConfig(hidden_size=1024, num_attention_heads=8, kv_channels=128, num_hidden_layers=4,
                    intermediate_size=2 * 2816, vocab_size=151936, seq_length=512,
@@ -75,7 +76,7 @@ def ours(dtype: str, steps: int, param_dtype: str = "float32") -> float:
 def torch_step(dtype: str, steps: int) -> float:
     import torch
 
-    from qwen_jax.hf_reference import qwen2_config
+    from qwen_jax.io.hf_reference import qwen2_config
 
     torch.manual_seed(0)
     torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]

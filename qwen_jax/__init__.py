@@ -1,12 +1,12 @@
 """qwen_jax: the Qwen v1 language models in JAX/Flax, exact to the released PyTorch models."""
 
-from qwen_jax.attention import attention
-from qwen_jax.checkpoint import CheckpointError, load_params, save_checkpoint
-from qwen_jax.config import PRESETS, ConfigError, QwenConfig, preset
-from qwen_jax.kv_cache import KVCache, cache_bytes, init_cache
-from qwen_jax.long_context import dynamic_ntk_alpha, logn_scale
-from qwen_jax.model import Qwen, init_params, param_logical_axes, param_shardings
-from qwen_jax.sharding import make_mesh
+from qwen_jax.io.checkpoint import CheckpointError, load_params, save_checkpoint
+from qwen_jax.model.attention import attention
+from qwen_jax.model.config import PRESETS, ConfigError, QwenConfig, preset
+from qwen_jax.model.kv_cache import KVCache, cache_bytes, init_cache
+from qwen_jax.model.long_context import dynamic_ntk_alpha, logn_scale
+from qwen_jax.model.transformer import Qwen, init_params, param_logical_axes, param_shardings
+from qwen_jax.parallel.sharding import make_mesh
 
 __all__ = [
     "PRESETS", "CheckpointError", "ConfigError", "KVCache", "Qwen", "QwenConfig", "attention",

@@ -6,9 +6,9 @@ import sys
 
 import pytest
 
-from qwen_jax import train_loop
-from qwen_jax.config import PRESETS
-from qwen_jax.optim import OptimizerConfig
+from qwen_jax.model.config import PRESETS
+from qwen_jax.train import loop as train_loop
+from qwen_jax.train.optim import OptimizerConfig
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))

@@ -17,13 +17,12 @@ from jax.experimental import topologies
 from jax.sharding import NamedSharding, SingleDeviceSharding
 from jax.sharding import PartitionSpec as P
 
-from qwen_jax import sharding
-from qwen_jax.attention import attention, resolve_impl, xla_attention
-from qwen_jax.config import QwenConfig
-from qwen_jax.kernels import BlockSizes, flash_attention
-from qwen_jax.kernels import flash_attention_tpu
-from qwen_jax.kv_cache import init_cache
-from qwen_jax.model import Qwen, init_params, param_shardings
+from qwen_jax.kernels import BlockSizes, flash_attention, flash_attention_tpu
+from qwen_jax.model.attention import attention, resolve_impl, xla_attention
+from qwen_jax.model.config import QwenConfig
+from qwen_jax.model.kv_cache import init_cache
+from qwen_jax.model.transformer import Qwen, init_params, param_shardings
+from qwen_jax.parallel import sharding
 
 # libtpu takes a host-wide lock; any other JAX process on this host that probed for a TPU
 # (one started without JAX_PLATFORMS=cpu) holds it, and the topology compiles only need libtpu's

@@ -11,12 +11,19 @@ import pytest
 import torch
 from transformers.generation import logits_process as hf
 
-from qwen_jax import sampling
-from qwen_jax.chat import Conversation
-from qwen_jax.convert import load_hf_config, load_hf_params
-from qwen_jax.generate import (GenerationConfig, GenerationError, _prefill, _run_while, _step,
-                               generate, load_generation_config)
-from qwen_jax.tokenizer import ByteTokenizer, QwenTokenizer
+from qwen_jax.data.tokenizer import ByteTokenizer, QwenTokenizer
+from qwen_jax.infer import sampling
+from qwen_jax.infer.chat import Conversation
+from qwen_jax.infer.generate import (
+    GenerationConfig,
+    GenerationError,
+    _prefill,
+    _run_while,
+    _step,
+    generate,
+    load_generation_config,
+)
+from qwen_jax.io.convert import load_hf_config, load_hf_params
 
 ATOL = 1e-4
 

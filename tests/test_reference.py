@@ -14,10 +14,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from qwen_jax.convert import load_hf_config, load_hf_params
-from qwen_jax.kv_cache import init_cache
-from qwen_jax.long_context import dynamic_ntk_alpha, ntk_alpha_from_level
-from qwen_jax.model import Qwen
+from qwen_jax.io.convert import load_hf_config, load_hf_params
+from qwen_jax.model.kv_cache import init_cache
+from qwen_jax.model.long_context import dynamic_ntk_alpha, ntk_alpha_from_level
+from qwen_jax.model.transformer import Qwen
 
 ATOL = 1e-4
 

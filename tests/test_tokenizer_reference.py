@@ -7,9 +7,14 @@ import unicodedata
 
 import pytest
 
-from qwen_jax import chat_format
-from qwen_jax.tokenizer import (PAT_STR, QwenTokenizer, TokenizerFileError, load_tokenizer,
-                                pieces_hex)
+from qwen_jax.data import chat_format
+from qwen_jax.data.tokenizer import (
+    PAT_STR,
+    QwenTokenizer,
+    TokenizerFileError,
+    load_tokenizer,
+    pieces_hex,
+)
 
 _DEFAULT_VECTORS = (pathlib.Path(__file__).resolve().parents[2]
                     / "shared" / "reference" / "tokenizer_vectors.json")

@@ -1,0 +1,67 @@
+"""What every command line shares: one-line errors, the model arguments and loading.
+
+A CLI body raises `CLIError` (or a checkpoint, config or tokenizer error) for anything the user
+can get wrong; `run_cli` turns it into one `error: ...` line on stderr and exit status 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import pathlib
+import sys
+
+import jax
+
+from qwen_jax.data.tokenizer import TokenizerFileError, load_tokenizer
+from qwen_jax.io.checkpoint import CheckpointError, load_config, load_params
+from qwen_jax.model.config import ConfigError
+from qwen_jax.model.transformer import unstack_layers
+
+
+class CLIError(Exception):
+    """A bad command-line input, reported as one `error:` line and exit status 1."""
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, no usage dump
+        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
+
+
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--checkpoint", required=True, help="a qwen_jax checkpoint directory")
+    p.add_argument("--dtype", choices=["bfloat16", "float32", "float16"],
+                   help="compute and KV-cache dtype (default: the checkpoint's)")
+
+
+def load_model(args):
+    """(params, config, tokenizer) of --checkpoint, with --dtype applied."""
+    directory = pathlib.Path(args.checkpoint)
+    if not directory.is_dir():
+        raise CLIError(f"{directory}: no such checkpoint directory")
+    config = load_config(directory)
+    if args.dtype:
+        config = config.replace(dtype=args.dtype)
+    tokenizer = load_tokenizer(directory)
+    if tokenizer.vocab_size > config.vocab_size:
+        raise CLIError(f"tokenizer {tokenizer.name} has {tokenizer.vocab_size} ids but the "
+                       f"model only {config.vocab_size}")
+    params, config = load_params(directory, config)
+    if jax.default_backend() == "cpu":  # decoding on CPU runs faster per layer: see there
+        params, config = unstack_layers(params, config, consume=True)
+    print(f"model: {config.num_params():,} parameters, {config.dtype}; tokenizer: "
+          f"{tokenizer.name}", file=sys.stderr)
+    return params, config, tokenizer
+
+
+def run_cli(main_fn, argv=None, errors: tuple[type[Exception], ...] = ()) -> int:
+    """Run a CLI body; user errors (ours, and the caller's `errors`) become one `error:` line
+    on stderr and exit status 1."""
+    try:
+        return main_fn(argv)
+    except (CLIError, CheckpointError, ConfigError, TokenizerFileError) + tuple(errors) as e:
+        print("error: " + " ".join(str(e).split()), file=sys.stderr)
+        return 1
+    except OSError as e:
+        where = f"{e.filename}: " if e.filename else ""
+        print("error: " + where + " ".join(str(e.strerror or e).split()), file=sys.stderr)
+        return 1

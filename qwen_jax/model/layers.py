@@ -1,0 +1,194 @@
+"""Building blocks of the Qwen v1 decoder: RMSNorm, rotary embedding, SwiGLU MLP."""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from qwen_jax.model.config import QwenConfig
+from qwen_jax.parallel.sharding import target_platform
+
+
+def jnp_dtype(name: str):
+    return jnp.dtype(name)
+
+
+def precision(config: QwenConfig):
+    return None if config.matmul_precision == "default" else config.matmul_precision
+
+
+def dense_init(config: QwenConfig):
+    return nn.initializers.normal(stddev=config.initializer_range)
+
+
+class RMSNorm(nn.Module):
+    """x * rsqrt(mean(x^2) + eps) in float32, cast back to the input dtype, times the weight."""
+
+    epsilon: float
+    param_dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        weight = self.param("weight", nn.with_logical_partitioning(nn.initializers.ones, ("norm",)),
+                            (x.shape[-1],), self.param_dtype)
+        x32 = x.astype(jnp.float32)
+        normed = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True)
+                                     + self.epsilon)
+        return normed.astype(x.dtype) * weight.astype(x.dtype)
+
+
+def rope_cos_sin(positions, inv_freq):
+    """cos/sin [B, T, rotary_dim] in float32 from positions [B, T] and inv_freq [B or 1, d/2].
+
+    Rotate-half layout: the frequencies are repeated over the two halves of the rotary dims.
+    """
+    angles = positions.astype(jnp.float32)[..., None] * inv_freq[:, None, :]
+    angles = jnp.concatenate([angles, angles], axis=-1)
+    return jnp.cos(angles), jnp.sin(angles)
+
+
+def apply_rope(x, cos, sin):
+    """Rotate x [B, T, N, D] by cos/sin [B, T, R] (R <= D, the rest passes), in float32."""
+    rot = cos.shape[-1]
+    x32 = x.astype(jnp.float32)
+    x_rot, x_pass = x32[..., :rot], x32[..., rot:]
+    half = rot // 2
+    rotated_half = jnp.concatenate([-x_rot[..., half:], x_rot[..., :half]], axis=-1)
+    out = x_rot * cos[:, :, None, :] + rotated_half * sin[:, :, None, :]
+    if x_pass.shape[-1]:
+        out = jnp.concatenate([out, x_pass], axis=-1)
+    return out.astype(x.dtype)
+
+
+def accumulate_in_f32(dtype) -> bool:
+    """Whether projections in `dtype` take the einsum_f32_accumulate path: half-precision
+    compute traced for CPU (TPU and GPU round their float32 accumulators in the dot itself)."""
+    return jnp.dtype(dtype).itemsize < 4 and target_platform() == "cpu"
+
+
+def einsum_f32_accumulate(equation: str, x, kernel, dtype, precision=None):
+    """`einsum(equation, x, kernel)` in `dtype` for a dense projection ("x = [*lead, *c],
+    kernel = [*c, *out] -> [*lead, *out]", e.g. "bth,hnd->btnd"), with its matmuls and those
+    of its gradient run as 2-D dots with float32 outputs (`preferred_element_type`), rounded
+    to `dtype` afterwards.
+
+    Values are those of the plain einsum (the products accumulate in float32 either way),
+    except the kernel's gradient, which stays float32 instead of passing through `dtype`.
+    What changes is speed on CPU: XLA CPU hands a bfloat16 x bfloat16 -> float32 dot to its
+    bf16 kernels (about twice float32's FLOP/s here) only when the left operand is row-major
+    and contracts its last dimension; any other bf16 dot, a bf16 result included, is upcast
+    and runs at float32 speed. So the kernel gradient, x^T g, contracts a transposed copy of x
+    made with a real (not layout-only) transpose. `x` is cast to `dtype`; `kernel` (e.g.
+    float32 master weights) is cast inside and its gradient has its dtype.
+    """
+    inputs, out = equation.replace(" ", "").split("->")
+    lhs, rhs = inputs.split(",")
+    n_contract = len(set(lhs) & set(rhs))
+    lead, contract = lhs[:len(lhs) - n_contract], lhs[len(lhs) - n_contract:]
+    kept = rhs[n_contract:]
+    if rhs[:n_contract] != contract or out != lead + kept or set(lead) & set(kept):
+        raise ValueError(f"einsum_f32_accumulate: {equation!r} is not a dense projection; "
+                         "expected 'x = [*lead, *c], kernel = [*c, *out] -> [*lead, *out]'")
+    return _dense_f32(n_contract, jnp.dtype(dtype), precision, x.astype(dtype), kernel)
+
+
+def _dot32(a, b, contract, precision):
+    """2-D a [m, k] with b [k, n] (contract=0) or b [n, k] (contract=1), float32 out."""
+    return jax.lax.dot_general(a, b, (((1,), (contract,)), ((), ())), precision=precision,
+                               preferred_element_type=jnp.float32)
+
+
+def _as_matrix(a, n_front: int):
+    return a.reshape(math.prod(a.shape[:n_front]), math.prod(a.shape[n_front:]))
+
+
+def _transposed_copy(a):
+    """a.T materialized row-major. A plain transpose is only a layout change in XLA, which
+    a dot then reads as a column-major operand; through a trailing unit axis it is a copy."""
+    return jnp.transpose(a[:, :, None], (1, 0, 2)).reshape(a.shape[1], a.shape[0])
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
+def _dense_f32(n_contract, dtype, precision, x, kernel):
+    n_lead = x.ndim - n_contract
+    y = _dot32(_as_matrix(x, n_lead), _as_matrix(kernel.astype(dtype), n_contract), 0, precision)
+    return y.astype(dtype).reshape(*x.shape[:n_lead], *kernel.shape[n_contract:])
+
+
+def _dense_f32_fwd(n_contract, dtype, precision, x, kernel):
+    return _dense_f32(n_contract, dtype, precision, x, kernel), (x, kernel)
+
+
+def _dense_f32_bwd(n_contract, dtype, precision, residuals, g):
+    x, kernel = residuals
+    n_lead = x.ndim - n_contract
+    g2 = _as_matrix(g, n_lead)  # [lead, out], in dtype like the output
+    k2 = _as_matrix(kernel.astype(dtype), n_contract)  # [c, out]
+    dx = _dot32(g2, k2, 1, precision).astype(x.dtype).reshape(x.shape)
+    x2t = _transposed_copy(_as_matrix(x, n_lead))  # [c, lead]
+    dkernel = _dot32(x2t, g2, 0, precision).astype(kernel.dtype).reshape(kernel.shape)
+    return dx, dkernel
+
+
+_dense_f32.defvjp(_dense_f32_fwd, _dense_f32_bwd)
+
+
+class Einsum(nn.Module):
+    """A projection `einsum(equation, x, kernel)` with a logically-partitioned kernel of its
+    full (multi-axis) shape, e.g. [embed, heads, head_dim], and an optional bias."""
+
+    equation: str
+    shape: tuple[int, ...]
+    axes: tuple[str, ...]
+    config: QwenConfig
+    bias_shape: tuple[int, ...] | None = None
+    bias_axes: tuple[str, ...] | None = None
+    # Run "btnd,ndh->bth" as "bti,ih->bth" (i = n*d; both reshapes are free). On one token
+    # XLA CPU otherwise transposes the whole [n, d, h] kernel every call to match the layout
+    # it picked for the tiny activation.
+    merge_contracting: bool = False
+
+    @nn.compact
+    def __call__(self, x):
+        cfg = self.config
+        dtype = jnp_dtype(cfg.dtype)
+        kernel = self.param("kernel", nn.with_logical_partitioning(dense_init(cfg), self.axes),
+                            self.shape, jnp_dtype(cfg.param_dtype))
+        equation = self.equation
+        if self.merge_contracting:
+            if equation != "btnd,ndh->bth":
+                raise ValueError(f"merge_contracting needs 'btnd,ndh->bth', not {equation!r}")
+            equation = "bti,ih->bth"
+            x, kernel = x.reshape(*x.shape[:2], -1), kernel.reshape(-1, kernel.shape[-1])
+        if accumulate_in_f32(dtype):
+            y = einsum_f32_accumulate(equation, x, kernel, dtype, precision(cfg))
+        else:
+            y = jnp.einsum(equation, x.astype(dtype), kernel.astype(dtype),
+                           precision=precision(cfg))
+        if self.bias_shape is not None:
+            bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros,
+                                                                   self.bias_axes),
+                              self.bias_shape, jnp_dtype(cfg.param_dtype))
+            y = y + bias.astype(dtype)
+        return y
+
+
+class MLP(nn.Module):
+    """SwiGLU: c_proj(w1(x) * silu(w2(x))). In the release w2 is the gate, w1 the plain branch."""
+
+    config: QwenConfig
+
+    @nn.compact
+    def __call__(self, x):
+        cfg = self.config
+        h, f = cfg.hidden_size, cfg.mlp_width
+        gate = Einsum("bth,hf->btf", (h, f), ("embed", "mlp"), cfg, name="gate")(x)  # w2
+        up = Einsum("bth,hf->btf", (h, f), ("embed", "mlp"), cfg, name="up")(x)  # w1
+        act = up * nn.silu(gate)
+        act = nn.with_logical_constraint(act, ("activation_batch", "activation_length",
+                                               "activation_mlp"))
+        return Einsum("btf,fh->bth", (f, h), ("mlp", "embed"), cfg, name="down")(act)  # c_proj

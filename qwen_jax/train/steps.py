@@ -1,0 +1,194 @@
+"""Sharded training and evaluation steps: masked next-token loss, gradient accumulation over
+microbatches, AdamW; jit with explicit shardings and donated state.
+
+A batch is a dict of [batch, seq] arrays: `inputs`, `targets`, `loss_mask`, and optionally
+`segment_ids` / `positions` (packed documents attend only within themselves).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from qwen_jax.model.config import QwenConfig
+from qwen_jax.model.transformer import Qwen, init_params, param_shardings
+from qwen_jax.parallel import sharding as shd
+from qwen_jax.train.optim import OptimizerConfig, learning_rate_schedule, make_optimizer
+
+
+@flax.struct.dataclass
+class TrainState:
+    step: jax.Array
+    params: Any
+    opt_state: Any
+
+
+@dataclasses.dataclass(frozen=True)
+class Trainer:
+    """Everything that turns (config, mesh) into jitted, sharded step functions."""
+
+    model_config: QwenConfig
+    optimizer_config: OptimizerConfig
+    mesh: Mesh
+    microbatches: int = 1
+
+    @property
+    def model(self) -> Qwen:
+        return Qwen(self.model_config)
+
+    @property
+    def optimizer(self) -> optax.GradientTransformation:
+        return make_optimizer(self.optimizer_config)
+
+    # ------------------------------------------------------------------ shardings
+    def param_shardings(self):
+        return param_shardings(self.model_config, self.mesh)
+
+    def state_shardings(self) -> TrainState:
+        params = self.param_shardings()
+        abstract_params = jax.eval_shape(lambda: init_params(self.model_config,
+                                                             jax.random.PRNGKey(0)))
+        abstract_opt = jax.eval_shape(self.optimizer.init, abstract_params)
+        replicated = NamedSharding(self.mesh, PartitionSpec())
+        flat_params = dict(zip(_paths(abstract_params), jax.tree_util.tree_leaves(params)))
+
+        # Optimizer moments are laid out like the parameters they track.
+        def like_param(path, leaf):
+            for key in _path_suffixes(path):
+                if key in flat_params and flat_params[key] is not None:
+                    return flat_params[key]
+            return replicated
+
+        opt = jax.tree_util.tree_map_with_path(
+            lambda path, leaf: like_param(path, leaf) if leaf.ndim else replicated, abstract_opt)
+        return TrainState(step=replicated, params=params, opt_state=opt)
+
+    def batch_sharding(self) -> NamedSharding:
+        return shd.batch_sharding(self.mesh, 2)
+
+    def abstract_state(self) -> TrainState:
+        shardings = self.state_shardings()
+        shapes = jax.eval_shape(lambda: self._init(jax.random.PRNGKey(0)))
+        return jax.tree_util.tree_map(
+            lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings)
+
+    # ------------------------------------------------------------------ state
+    def _init(self, rng) -> TrainState:
+        params = init_params(self.model_config, rng)
+        return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                          opt_state=self.optimizer.init(params))
+
+    def init_state(self, rng) -> TrainState:
+        with shd.activation_sharding(self.mesh):
+            return jax.jit(self._init, out_shardings=self.state_shardings())(rng)
+
+    def state_from_params(self, params) -> TrainState:
+        """A fresh optimizer around given (e.g. imported) parameters."""
+        shardings = self.state_shardings()
+        init = lambda p: TrainState(step=jnp.zeros((), jnp.int32), params=p,  # noqa: E731
+                                    opt_state=self.optimizer.init(p))
+        with shd.activation_sharding(self.mesh):
+            return jax.jit(init, in_shardings=(shardings.params,), out_shardings=shardings)(params)
+
+    # ------------------------------------------------------------------ loss
+    def _loss_sums(self, params, batch, rng, train: bool):
+        """(sum of masked token losses, number of loss tokens) for one microbatch."""
+        logits, _ = self.model.apply(
+            {"params": params}, batch["inputs"], positions=batch.get("positions"),
+            segment_ids=batch.get("segment_ids"), train=train,
+            rngs={"dropout": rng} if train else None)
+        logz = jax.nn.logsumexp(logits, axis=-1)
+        target_logit = jnp.take_along_axis(logits, batch["targets"][..., None], axis=-1)[..., 0]
+        mask = batch["loss_mask"].astype(jnp.float32)
+        return jnp.sum((logz - target_logit) * mask), jnp.sum(mask)
+
+    def _split_microbatches(self, batch):
+        """[B, T] -> [k, B/k, T]; microbatch i takes rows i, i+k, ... so every device's slice
+        of the batch holds an equal share of each microbatch (no resharding)."""
+        k = self.microbatches
+
+        def split(x):
+            b = x.shape[0]
+            return jnp.swapaxes(x.reshape(b // k, k, *x.shape[1:]), 0, 1)
+
+        return {key: split(value) for key, value in batch.items()}
+
+    def _train_step(self, state: TrainState, batch, rng):
+        rng = jax.random.fold_in(rng, state.step)
+        grad_fn = jax.value_and_grad(lambda p, mb, r: self._loss_sums(p, mb, r, True),
+                                     has_aux=True)
+        micro = self._split_microbatches(batch)
+
+        def accumulate(carry, xs):
+            grads, loss_sum, count = carry
+            mb, i = xs
+            mb = {key: jax.lax.with_sharding_constraint(v, self.batch_sharding())
+                  for key, v in mb.items()}
+            (loss, n), g = grad_fn(state.params, mb, jax.random.fold_in(rng, i))
+            grads = jax.tree_util.tree_map(jnp.add, grads, g)
+            return (grads, loss_sum + loss, count + n), None
+
+        zeros = jax.tree_util.tree_map(jnp.zeros_like, state.params)
+        (grads, loss_sum, count), _ = jax.lax.scan(
+            accumulate, (zeros, jnp.zeros(()), jnp.zeros(())),
+            (micro, jnp.arange(self.microbatches)))
+        count = jnp.maximum(count, 1.0)
+        grads = jax.tree_util.tree_map(lambda g: g / count, grads)
+        updates, opt_state = self.optimizer.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        metrics = {"loss": loss_sum / count, "grad_norm": optax.tree.norm(grads),
+                   "learning_rate": learning_rate_schedule(self.optimizer_config)(state.step),
+                   "tokens": count}
+        return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
+
+    def _eval_step(self, params, batch):
+        loss_sum, count = self._loss_sums(params, batch, None, False)
+        return {"loss_sum": loss_sum, "tokens": count}
+
+    # ------------------------------------------------------------------ jitted
+    def jit_train_step(self) -> Callable:
+        state = self.state_shardings()
+        replicated = NamedSharding(self.mesh, PartitionSpec())
+        fn = jax.jit(self._train_step, in_shardings=(state, self.batch_sharding(), replicated),
+                     out_shardings=(state, replicated), donate_argnums=(0,))
+        return _under_mesh(fn, self.mesh)
+
+    def jit_eval_step(self) -> Callable:
+        replicated = NamedSharding(self.mesh, PartitionSpec())
+        fn = jax.jit(self._eval_step, in_shardings=(self.param_shardings(),
+                                                    self.batch_sharding()),
+                     out_shardings=replicated)
+        return _under_mesh(fn, self.mesh)
+
+
+def _under_mesh(fn, mesh):
+    def wrapped(*args):
+        with shd.activation_sharding(mesh):
+            return fn(*args)
+    wrapped.lower = lambda *args: _lower_under_mesh(fn, mesh, *args)
+    return wrapped
+
+
+def _lower_under_mesh(fn, mesh, *args):
+    with shd.activation_sharding(mesh):
+        return fn.lower(*args)
+
+
+def _paths(tree):
+    return [_path_key(p) for p, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
+
+
+def _path_key(path) -> tuple:
+    return tuple(getattr(k, "key", getattr(k, "name", getattr(k, "idx", None))) for k in path)
+
+
+def _path_suffixes(path):
+    """Candidate parameter paths inside an optimizer-state path (mu/nu mirror the params)."""
+    key = _path_key(path)
+    return [key[i:] for i in range(len(key))]
