@@ -1,5 +1,9 @@
 """qwen_jax: the Qwen v1 language models in JAX/Flax, exact to the released PyTorch models."""
 
+from qwen_jax.parallel.devices import skip_absent_tpu
+
+skip_absent_tpu()  # before any backend starts: no libtpu start-up noise on hosts without TPU
+
 from qwen_jax.io.checkpoint import CheckpointError, load_params, save_checkpoint
 from qwen_jax.model.attention import attention
 from qwen_jax.model.config import PRESETS, ConfigError, QwenConfig, preset
