@@ -95,7 +95,8 @@ def cmd_export(args) -> int:
     config_json = convert.hf_config_dict(config, source.get("config"), source.get("dtype"))
     with checkpoint.atomic_directory(target, overwrite=args.overwrite) as tmp:
         names = convert.write_hf(tmp, params, config, args.max_shard_size, config_json)
-        extras = checkpoint.copy_side_files(args.checkpoint_dir, tmp)
+        extras = checkpoint.copy_side_files(checkpoint.side_files_dir(args.checkpoint_dir),
+                                            tmp)
     print(f"exported {args.checkpoint_dir} -> {target}: {len(names)} safetensors file(s), "
           f"{config.param_dtype}{', with ' + ', '.join(extras) if extras else ''}")
     return 0

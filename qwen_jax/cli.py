@@ -12,8 +12,13 @@ import sys
 
 import jax
 
-from qwen_jax.data.tokenizer import TokenizerFileError, load_tokenizer
-from qwen_jax.io.checkpoint import CheckpointError, load_config, load_params
+from qwen_jax.data.tokenizer import TokenizerFileError
+from qwen_jax.io.checkpoint import (
+    CheckpointError,
+    load_checkpoint_tokenizer,
+    load_config,
+    load_params,
+)
 from qwen_jax.model.config import ConfigError
 from qwen_jax.model.transformer import unstack_layers
 
@@ -28,7 +33,9 @@ class Parser(argparse.ArgumentParser):
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--checkpoint", required=True, help="a qwen_jax checkpoint directory")
+    p.add_argument("--checkpoint", required=True,
+                   help="a qwen_jax checkpoint, a training run's workdir (its latest complete "
+                   "step) or WORKDIR/checkpoints/STEP")
     p.add_argument("--dtype", choices=["bfloat16", "float32", "float16"],
                    help="compute and KV-cache dtype (default: the checkpoint's)")
 
@@ -41,7 +48,7 @@ def load_model(args):
     config = load_config(directory)
     if args.dtype:
         config = config.replace(dtype=args.dtype)
-    tokenizer = load_tokenizer(directory)
+    tokenizer = load_checkpoint_tokenizer(directory)
     if tokenizer.vocab_size > config.vocab_size:
         raise CLIError(f"tokenizer {tokenizer.name} has {tokenizer.vocab_size} ids but the "
                        f"model only {config.vocab_size}")

@@ -34,6 +34,7 @@ import numpy as np
 from qwen_jax.cli import CLIError, Parser, add_model_args, load_model, run_cli
 from qwen_jax.infer import sampling
 from qwen_jax.infer.sampling import GenerationConfig, GenerationError, load_generation_config
+from qwen_jax.io.checkpoint import side_files_dir
 from qwen_jax.model.config import QwenConfig
 from qwen_jax.model.kv_cache import KVCache, cache_bytes, init_cache
 from qwen_jax.model.transformer import Qwen
@@ -273,7 +274,8 @@ def add_sampling_args(p: argparse.ArgumentParser) -> None:
 
 
 def generation_config_from_args(args, tokenizer) -> GenerationConfig:
-    gen = load_generation_config(args.checkpoint, tokenizer, args.generation_config)
+    gen = load_generation_config(side_files_dir(args.checkpoint), tokenizer,
+                                 args.generation_config)
     flags = {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature,
              "top_k": args.top_k, "top_p": args.top_p,
              "repetition_penalty": args.repetition_penalty}

@@ -8,11 +8,18 @@
 
 A checkpoint directory is written under a temporary sibling name and renamed into place only
 when complete, so a failure never leaves a half-written checkpoint behind.
+
+A training run's work directory reads as a checkpoint too (`locate`): WORKDIR means its latest
+complete step, WORKDIR/checkpoints/<step> that step. Each step holds the Orbax items `state`
+(the train state; only its `params` are read) and `config` ({"model": the model config,
+"tokenizer": "bytes" or the vocabulary file name, ...}); the side files (vocabulary,
+generation config, hf_source.json) sit in WORKDIR itself.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import pathlib
@@ -33,6 +40,11 @@ GENERATION_CONFIG_FILE = "generation_config.json"
 # Files that travel with the weights through import, export and copies of a checkpoint.
 SIDE_FILES = (TOKENIZER_FILE, GENERATION_CONFIG_FILE)
 HF_SOURCE_FILE = "hf_source.json"
+# A training run: WORKDIR/checkpoints/<step>/{state,config}
+RUN_CHECKPOINTS = "checkpoints"
+STEP_STATE = "state"
+STEP_CONFIG = "config"
+BYTE_TOKENIZER = "bytes"  # the "tokenizer" of a run trained with the byte-level tokenizer
 
 
 class CheckpointError(ValueError):
@@ -123,7 +135,7 @@ def save_checkpoint(directory, params, config: QwenConfig, tokenizer_file=None,
 
 
 def load_hf_source(directory) -> dict | None:
-    path = pathlib.Path(directory) / HF_SOURCE_FILE
+    path = locate(directory).root / HF_SOURCE_FILE
     if not path.is_file():
         return None
     try:
@@ -135,8 +147,66 @@ def load_hf_source(directory) -> dict | None:
         raise CheckpointError(f"{path}: not a valid record of the imported config ({e})") from None
 
 
+@dataclasses.dataclass(frozen=True)
+class Located:
+    """Where a checkpoint's parts are: `root` holds config.json / the side files, `step_dir`
+    is the training step whose train state holds the parameters (None: `root/params`)."""
+
+    root: pathlib.Path
+    step_dir: pathlib.Path | None = None
+
+
+def latest_run_step(run_dir) -> int | None:
+    """The newest complete step of a training run (Orbax renames a step into its integer
+    name only once it is complete)."""
+    steps = [int(p.name) for p in (pathlib.Path(run_dir) / RUN_CHECKPOINTS).iterdir()
+             if p.name.isdigit() and (p / STEP_STATE).is_dir()]
+    return max(steps, default=None)
+
+
+def locate(directory) -> Located:
+    """A parameter checkpoint, a training run's WORKDIR (its latest complete step) or one of
+    its steps, WORKDIR/checkpoints/<step>."""
+    d = pathlib.Path(directory).absolute()
+    if not d.is_dir():
+        raise CheckpointError(f"{d}: not a qwen_jax checkpoint (no such directory)")
+    if (d / CONFIG_FILE).is_file() and (d / PARAMS_DIR).is_dir():
+        return Located(d)
+    if (d / RUN_CHECKPOINTS).is_dir():
+        step = latest_run_step(d)
+        if step is None:
+            raise CheckpointError(f"{d}: a training run without a complete checkpoint yet "
+                                  f"(nothing in {d / RUN_CHECKPOINTS})")
+        return Located(d, d / RUN_CHECKPOINTS / str(step))
+    if d.name.isdigit() and d.parent.name == RUN_CHECKPOINTS and (d / STEP_STATE).is_dir():
+        return Located(d.parent.parent, d)
+    if (d / CONFIG_FILE).is_file():
+        return Located(d)  # load_params says what is missing
+    raise CheckpointError(f"{d}: not a qwen_jax checkpoint (no {CONFIG_FILE}) nor a training "
+                          f"run (no {RUN_CHECKPOINTS}/)")
+
+
+def step_record(step_dir) -> dict:
+    """The `config` item of a training step: {"model": ..., "tokenizer": ..., "config": ...}."""
+    path = pathlib.Path(step_dir) / STEP_CONFIG
+    try:
+        with ocp.Checkpointer(ocp.JsonCheckpointHandler()) as checkpointer:
+            record = checkpointer.restore(path)
+        if not isinstance(record, dict) or not isinstance(record.get("model"), dict):
+            raise ValueError("no 'model' object")
+        return record
+    except (ValueError, FileNotFoundError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{path}: not a training step's config record ({e})") from None
+
+
 def load_config(directory) -> QwenConfig:
-    directory = pathlib.Path(directory)
+    located = locate(directory)
+    if located.step_dir is not None:
+        try:
+            return QwenConfig.from_hf(step_record(located.step_dir)["model"])
+        except ConfigError as e:
+            raise CheckpointError(f"{located.step_dir / STEP_CONFIG}: {e}") from None
+    directory = located.root
     path = directory / CONFIG_FILE
     if not path.is_file():
         raise CheckpointError(f"{directory}: not a qwen_jax checkpoint (no {CONFIG_FILE})")
@@ -157,21 +227,43 @@ def load_params(directory, config: QwenConfig | None = None, shardings=None, as_
             f"{directory}: checkpoint is for a different model config: stored "
             f"{_shape_fields(stored)} vs requested {_shape_fields(config)}")
     config = config or stored
-    params_dir = directory / PARAMS_DIR
+    located = locate(directory)
+    params_dir = (located.step_dir / STEP_STATE if located.step_dir is not None
+                  else directory / PARAMS_DIR)
     if not params_dir.is_dir():
         raise CheckpointError(f"{directory}: no {PARAMS_DIR}/ (incomplete checkpoint)")
-    from qwen_jax.model.transformer import (
-        abstract_params,  # local: keeps this module light for the CLI
-    )
+    # local: keeps this module light for the CLI
+    from qwen_jax.model.transformer import abstract_params
 
     abstract = abstract_params(config.replace(param_dtype=stored.param_dtype), shardings)
     if as_numpy:
         abstract = jax.tree_util.tree_map(lambda s: np.zeros(s.shape, s.dtype), abstract)
     try:
-        params = ocp.StandardCheckpointer().restore(params_dir, abstract)
+        if located.step_dir is None:
+            params = ocp.StandardCheckpointer().restore(params_dir, abstract)
+        else:
+            params = _restore_train_params(params_dir, abstract, as_numpy)
     except (ValueError, FileNotFoundError, KeyError) as e:
         raise CheckpointError(f"{params_dir}: cannot restore parameters: {e}") from None
     return params, config
+
+
+def _restore_train_params(state_dir: pathlib.Path, abstract, as_numpy: bool):
+    """Only the `params` of a train state (no optimizer moments are read)."""
+    if as_numpy:
+        restore_args = jax.tree_util.tree_map(
+            lambda _: ocp.RestoreArgs(restore_type=np.ndarray), abstract)
+    else:
+        device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        abstract = jax.tree_util.tree_map(
+            lambda s: s if s.sharding is not None
+            else jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=device), abstract)
+        restore_args = ocp.checkpoint_utils.construct_restore_args(abstract)
+    with ocp.PyTreeCheckpointer() as checkpointer:
+        restored = checkpointer.restore(state_dir, args=ocp.args.PyTreeRestore(
+            item={"params": abstract}, restore_args={"params": restore_args},
+            partial_restore=True))
+    return restored["params"]
 
 
 def _shape_fields(config: QwenConfig) -> dict:
@@ -181,5 +273,23 @@ def _shape_fields(config: QwenConfig) -> dict:
 
 
 def tokenizer_path(directory) -> pathlib.Path | None:
-    path = pathlib.Path(directory) / TOKENIZER_FILE
+    path = locate(directory).root / TOKENIZER_FILE
     return path if path.is_file() else None
+
+
+def side_files_dir(directory) -> pathlib.Path:
+    """Where the vocabulary, generation config and hf_source.json of a checkpoint sit."""
+    return locate(directory).root
+
+
+def load_checkpoint_tokenizer(directory):
+    """The tokenizer a checkpoint was made with: a run trained with the byte-level tokenizer
+    gets it back whatever vocabulary the machine has; otherwise its qwen.tiktoken (or, as
+    `load_tokenizer`, $QWEN_TIKTOKEN, then the byte-level fallback)."""
+    from qwen_jax.data.tokenizer import ByteTokenizer, load_tokenizer
+
+    located = locate(directory)
+    if located.step_dir is not None:
+        if step_record(located.step_dir).get("tokenizer") == BYTE_TOKENIZER:
+            return ByteTokenizer()
+    return load_tokenizer(located.root)
