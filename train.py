@@ -10,7 +10,6 @@ prints per-device memory against HBM, XLA FLOPs, collectives and a roofline step
 and exits 1 with the compiler's message when the config does not fit.
 """
 
-import json
 import os
 import sys
 
@@ -32,25 +31,47 @@ _DECODE_BATCH = flags.DEFINE_integer(
     "data-parallel size, at least 8; -1 = skip the decode step).")
 _REPORT_JSON = flags.DEFINE_string("report_json", None, "Compile-only: also write the report "
                                    "as JSON to this file.")
+_COORDINATOR = flags.DEFINE_string(
+    "coordinator_address", None, "Multi-process runs: HOST:PORT of process 0's coordinator "
+    "(with --num_processes and --process_id; TPU pods and SLURM are detected without them).")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Multi-process runs: how many.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "Multi-process runs: this one's index.")
+_STOP_AT_STEP = flags.DEFINE_integer(
+    "stop_at_step", None, "End this invocation at this step, with a checkpoint, without "
+    "changing the schedule (a later run resumes from there).")
 
 
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    try:
+        _CONFIG.value.to_dict()  # a config file that failed to load raises here
+    except OSError as e:  # absl's message ends with the reason, e.g. "[Errno 2] No such file"
+        reason = [line.strip() for line in str(e).splitlines() if line.strip()][-1]
+        print(f"error: --config: cannot load {flags.FLAGS['config'].config_filename}: "
+              f"{reason}", file=sys.stderr)
+        sys.exit(2)
     if _COMPILE_ONLY.value:
         sys.exit(compile_only())
     if not _WORKDIR.value:
         raise app.UsageError("--workdir is required (except with --compile-only)")
     logging.set_verbosity(logging.WARNING)  # Orbax logs every save step at INFO
     from qwen_jax.train import loop as train_loop
+    from qwen_jax.train import processes
 
-    train_loop.maybe_initialize_distributed()
     config = _CONFIG.value
     try:
-        train_loop.train(config, _WORKDIR.value, config_json=config.to_json_best_effort())
+        processes.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value,
+                                          _PROCESS_ID.value)
+        summary = train_loop.train(config, _WORKDIR.value,
+                                   config_json=config.to_json_best_effort(),
+                                   stop_at_step=_STOP_AT_STEP.value)
     except train_loop.TrainError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print("error: " + " ".join(str(e).split()), file=sys.stderr)
         sys.exit(1)
+    if processes.is_primary() and not summary["preempted"]:
+        print(f"sample from it: python -m qwen_jax.generate --checkpoint {_WORKDIR.value} "
+              "--prompt 'def ' --max-new-tokens 200", flush=True)
 
 
 def compile_only() -> int:
@@ -92,6 +113,8 @@ def parse_flags(argv):
         arg = next((a for a in argv if a.startswith("--config.") and key in a), key)
         print(f"error: unknown config key {key!r} in {arg} (configs/base.py lists the keys)",
               file=sys.stderr)
+    except SyntaxError as e:  # in the config file
+        print(f"error: --config: {e.filename}:{e.lineno}: {e.msg}", file=sys.stderr)
     except (flags.Error, TypeError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
     sys.exit(2)

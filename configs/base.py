@@ -56,4 +56,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.eval_steps = 20
     c.checkpoint_every_steps = 1000
     c.keep_checkpoints = 3
+    # A step with a non-finite loss or gradient never changes the state. "stop": exit
+    # non-zero naming the step and the last good checkpoint; "skip": go on, and stop once
+    # more than max_nonfinite_skips steps were skipped.
+    c.nonfinite = "stop"
+    c.max_nonfinite_skips = 10
     return c

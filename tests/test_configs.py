@@ -7,7 +7,7 @@ import sys
 import pytest
 
 from qwen_jax.model.config import PRESETS
-from qwen_jax.train import loop as train_loop
+from qwen_jax.train import build as train_build
 from qwen_jax.train.optim import OptimizerConfig
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -30,7 +30,7 @@ def test_expected_configs_exist():
 @pytest.mark.parametrize("name", CONFIGS)
 def test_config_builds(name):
     cfg = load(name)
-    model = train_loop.model_config(cfg) if not cfg.init_from else PRESETS[cfg.model]
+    model = train_build.model_config(cfg) if not cfg.init_from else PRESETS[cfg.model]
     OptimizerConfig(total_steps=cfg.num_train_steps, **dict(cfg.optimizer)).validate()
     assert len(cfg.mesh) == 3
     assert cfg.global_batch_size % cfg.microbatches == 0
@@ -49,7 +49,7 @@ def test_pretraining_recipe(name):
     assert (opt.weight_decay, opt.grad_clip_norm, opt.final_lr_fraction) == (0.1, 1.0, 0.1)
     assert cfg.model_overrides.dtype == "bfloat16"
     assert cfg.model_overrides.param_dtype == "float32"
-    model = train_loop.model_config(cfg)
+    model = train_build.model_config(cfg)
     if cfg.mesh[2] > 1:  # tensor parallelism must divide heads and MLP width
         assert model.num_attention_heads % cfg.mesh[2] == 0
         assert model.mlp_width % cfg.mesh[2] == 0

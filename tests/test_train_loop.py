@@ -55,7 +55,7 @@ def losses(workdir):
 def final_state(workdir, cfg, step):
     trainer = train_loop.build(cfg).trainer
     ckpt = TrainCheckpointer(pathlib.Path(workdir) / "checkpoints")
-    state, data_state, _ = ckpt.restore(step, trainer.abstract_state())
+    state, data_state = ckpt.restore(step, trainer.abstract_state())
     ckpt.close()
     return jax.device_get(state), data_state
 
@@ -211,6 +211,7 @@ def test_readme_main_command(tmp_path):
     summary = json.loads((workdir / "summary.json").read_text())
     assert summary["final_step"] == 30
     assert summary["last_logged_loss"] < summary["first_logged_loss"] - 1.0
+    assert f"python -m qwen_jax.generate --checkpoint {workdir}" in result.stdout
 
 
 def test_sft_from_imported_checkpoint(tmp_path, ref_vectors_dir):

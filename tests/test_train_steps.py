@@ -140,3 +140,39 @@ def test_optimizer_config_errors():
     # A run shorter than its warmup just ramps up (a quick demo run).
     lr = learning_rate_schedule(dataclasses.replace(OPT, warmup_steps=20, total_steps=6))
     np.testing.assert_allclose(float(lr(5)), OPT.peak_learning_rate * 5 / 20, rtol=1e-6)
+
+
+@pytest.mark.parametrize("mode", ["stop", "skip"])
+def test_nonfinite_step_leaves_state_untouched(mode):
+    """A step with a non-finite loss keeps params and optimizer state, counts the step; in
+    "stop" mode every later step is frozen too, in "skip" mode training goes on."""
+    mesh = sharding.make_mesh((1, 1, 1), jax.devices()[:1])
+    trainer = Trainer(CFG, OPT, mesh, nonfinite=mode)
+    step = trainer.jit_train_step()
+    rng = jax.random.PRNGKey(0)
+    state = trainer.init_state(rng)
+    good = jax.device_get(state)
+    poisoned = jax.tree_util.tree_map(np.array, good.params)  # writable copies
+    poisoned["lm_head"]["kernel"][0, 0] = np.nan
+    bad_state = trainer.state_from_params(poisoned)
+    before = jax.device_get(bad_state)
+    after, metrics = step(bad_state, make_batch(), rng)
+    after = jax.device_get(after)
+    assert not np.isfinite(metrics["loss"])
+    assert int(after.step) == 1 and int(after.nonfinite_steps) == 1
+    assert int(after.last_nonfinite_step) == 1
+    chex_equal = lambda a, b: jax.tree_util.tree_map(  # noqa: E731
+        lambda x, y: np.testing.assert_array_equal(x, y), a, b)
+    chex_equal(after.params, before.params)
+    chex_equal(after.opt_state, before.opt_state)
+
+    # A finite state carrying the count: "stop" stays frozen, "skip" trains on.
+    resumed = trainer.state_from_params(good.params).replace(
+        nonfinite_steps=jnp.ones((), jnp.int32), last_nonfinite_step=jnp.ones((), jnp.int32))
+    start = jax.device_get(resumed)
+    nxt, metrics = step(resumed, make_batch(), rng)
+    nxt = jax.device_get(nxt)
+    assert np.isfinite(metrics["loss"]) and int(nxt.nonfinite_steps) == 1
+    changed = not np.array_equal(nxt.params["lm_head"]["kernel"],
+                                 start.params["lm_head"]["kernel"])
+    assert changed == (mode == "skip")

@@ -178,7 +178,11 @@ def read_record(index: DocumentIndex, i: int) -> tuple[str | dict, int]:
     path = index.paths[f]
     with open(path, "rb") as fh:
         if offset < 0:
-            return decode_counting(fh.read())
+            data = fh.read()
+            if b"\x00" in data:
+                raise DataError(f"{path}: binary data (a NUL byte at offset "
+                                f"{data.index(0)}); expected a UTF-8 text file")
+            return decode_counting(data)
         fh.seek(offset)
         text, replaced = decode_counting(fh.readline())
     try:

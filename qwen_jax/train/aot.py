@@ -32,7 +32,7 @@ from qwen_jax.data.pipeline import BATCH_KEYS
 from qwen_jax.model.kv_cache import CACHE_LOGICAL_AXES, KVCache, init_cache
 from qwen_jax.model.transformer import Qwen, abstract_params, param_shardings
 from qwen_jax.parallel import sharding as shd
-from qwen_jax.train import loop as train_loop
+from qwen_jax.train import build as train_build
 from qwen_jax.train import roofline
 
 TOPOLOGY_HELP = ("a libtpu topology name such as v5e:2x4, v5e:16x16, v6e:8x16, v4:4x4x8 or "
@@ -160,7 +160,7 @@ def _tpu_model_config(config):
 
 
 def compile_train(cfg, mesh: Mesh, sl: Slice) -> dict:
-    trainer = train_loop.build_trainer(cfg, mesh)
+    trainer = train_build.build_trainer(cfg, mesh)
     trainer = dataclasses.replace(trainer, model_config=_tpu_model_config(trainer.model_config))
     shape = (cfg.global_batch_size, cfg.data.seq_len)
     batch = {key: jax.ShapeDtypeStruct(shape, jnp.float32 if key == "loss_mask" else jnp.int32,
@@ -218,7 +218,7 @@ def check(cfg, topology_name: str, num_slices: int = 1, decode_batch: int | None
     compile or does not fit."""
     sl = topology(topology_name, num_slices)
     mesh = topology_mesh(tuple(cfg.mesh), sl)
-    model_config = train_loop.model_config(cfg)
+    model_config = train_build.model_config(cfg)
     report = {
         "topology": sl.name, "num_slices": sl.num_slices, "devices": len(sl.devices),
         "device_kind": sl.devices[0].device_kind, "devices_per_chip": sl.devices_per_chip,

@@ -1,42 +1,25 @@
-"""Training checkpoints: Orbax CheckpointManager with async saves of the train state, the
-data-iterator state (one file per process, grain's handler) and the run config.
+"""Training checkpoints: an Orbax CheckpointManager with async saves of the train state, the
+data-iterator state and the run's record (config, model config, tokenizer).
 
 Orbax writes each step under a temporary name and renames it when complete, so a process
 killed mid-save leaves the previous checkpoints restorable; `latest_step()` sees only
 completed ones. Restoring takes abstract arrays with the *current* mesh's shardings, so a
-checkpoint written on one mesh shape restores onto another.
+checkpoint written on one mesh shape restores onto another. The data-iterator state is one
+JSON document for the whole run (every process reads the same global stream), so a run
+resumes on another number of processes. The layout is `qwen_jax.io.checkpoint`'s: a workdir
+or one of its steps loads as a model checkpoint.
 """
 
 from __future__ import annotations
 
-import json
 import pathlib
 import time
 
-import grain
 import orbax.checkpoint as ocp
 
+from qwen_jax.io.checkpoint import STEP_CONFIG, STEP_STATE
 
-class _Snapshot:
-    """The iterator state at save time; the save itself may finish later (async)."""
-
-    def __init__(self, state):
-        self._bytes = json.dumps(state).encode()
-
-    def get_state(self) -> bytes:
-        return self._bytes
-
-
-class _Receiver:
-    """Receives the stored iterator state from grain's handler."""
-
-    state = None
-
-    def set_state(self, state: bytes) -> None:
-        self.state = json.loads(state.decode())
-
-    def start_prefetch(self) -> None:
-        pass
+DATA_STATE = "data_state"
 
 
 class TrainCheckpointer:
@@ -47,36 +30,32 @@ class TrainCheckpointer:
                                                enable_async_checkpointing=async_save)
         self.manager = ocp.CheckpointManager(
             self.directory, options=options,
-            item_handlers={"state": ocp.StandardCheckpointHandler(),
-                           "data": grain.checkpoint.CheckpointHandler(),
-                           "config": ocp.JsonCheckpointHandler()})
+            item_handlers={STEP_STATE: ocp.StandardCheckpointHandler(),
+                           DATA_STATE: ocp.JsonCheckpointHandler(),
+                           STEP_CONFIG: ocp.JsonCheckpointHandler()})
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
 
-    def save(self, step: int, state, data_state, config: dict) -> None:
+    def save(self, step: int, state, data_state: dict, record: dict) -> None:
         """Start saving `step`; returns once the arrays are copied off the device."""
         start = time.perf_counter()
-        items = {"state": ocp.args.StandardSave(state), "config": ocp.args.JsonSave(config)}
-        if data_state is not None:
-            items["data"] = grain.checkpoint.CheckpointSave(_Snapshot(data_state))
-        self.manager.save(step, args=ocp.args.Composite(**items), force=True)
+        self.manager.save(step, args=ocp.args.Composite(**{
+            STEP_STATE: ocp.args.StandardSave(state),
+            DATA_STATE: ocp.args.JsonSave(data_state),
+            STEP_CONFIG: ocp.args.JsonSave(record)}), force=True)
         self.save_seconds += time.perf_counter() - start
 
     def restore(self, step: int, abstract_state):
-        """(state, data_state or None, config dict) of `step`, onto the shardings given."""
-        receiver = _Receiver()
-        items = {"state": ocp.args.StandardRestore(abstract_state),
-                 "config": ocp.args.JsonRestore()}
-        step_dir = self.directory / str(step)
-        if (step_dir / "data").is_dir():
-            items["data"] = grain.checkpoint.CheckpointRestore(receiver)
-        restored = self.manager.restore(step, args=ocp.args.Composite(**items))
-        return restored["state"], receiver.state, restored["config"]
+        """(state, data-iterator state) of `step`, onto the shardings given."""
+        restored = self.manager.restore(step, args=ocp.args.Composite(**{
+            STEP_STATE: ocp.args.StandardRestore(abstract_state),
+            DATA_STATE: ocp.args.JsonRestore()}))
+        return restored[STEP_STATE], restored[DATA_STATE]
 
     def stored_config(self, step: int) -> dict:
-        return self.manager.restore(step, args=ocp.args.Composite(
-            config=ocp.args.JsonRestore()))["config"]
+        return self.manager.restore(step, args=ocp.args.Composite(**{
+            STEP_CONFIG: ocp.args.JsonRestore()}))[STEP_CONFIG]
 
     def wait(self) -> None:
         start = time.perf_counter()

@@ -4,6 +4,8 @@ files, and a tqdm progress bar. Only the primary process writes."""
 from __future__ import annotations
 
 import json
+import math
+import os
 import pathlib
 
 import tqdm
@@ -18,7 +20,9 @@ class MetricsWriter:
         self._bar = None
         if not enabled:
             return
-        self._jsonl = open(self.workdir / "metrics.jsonl", "a", buffering=1)
+        path = self.workdir / "metrics.jsonl"
+        _keep_until(path, initial_step)
+        self._jsonl = open(path, "a", buffering=1)
         try:
             from tensorboardX import SummaryWriter
 
@@ -32,12 +36,17 @@ class MetricsWriter:
         if not self.enabled:
             return
         record = {"step": int(step), **{k: _plain(v) for k, v in metrics.items()}}
-        self._jsonl.write(json.dumps(record) + "\n")
+        # Strict JSON: a non-finite value is written as null and named under "nonfinite".
+        nonfinite = sorted(k for k, v in record.items()
+                           if isinstance(v, float) and not math.isfinite(v))
+        if nonfinite:
+            record.update({k: None for k in nonfinite}, nonfinite=nonfinite)
+        self._jsonl.write(json.dumps(record, allow_nan=False) + "\n")
         if self._tb is not None:
             for key, value in record.items():
                 if key != "step" and isinstance(value, (int, float)):
                     self._tb.add_scalar(key, value, step)
-        if "loss" in record:
+        if isinstance(record.get("loss"), float):
             self._bar.set_postfix(loss=f"{record['loss']:.4f}", refresh=False)
 
     def advance(self, steps: int = 1) -> None:
@@ -63,3 +72,21 @@ def _plain(value):
     if isinstance(value, float):
         return round(value, 8)
     return value
+
+
+def _keep_until(path: pathlib.Path, step: int) -> None:
+    """Drop what a resumed run will log again: records after `step` (the checkpoint it
+    resumes from) and a last line cut short by a kill, so each step is logged once."""
+    if not path.exists():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if record.get("step", 0) <= step:
+            kept.append(line)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(line + "\n" for line in kept))
+    os.replace(tmp, path)

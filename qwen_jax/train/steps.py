@@ -3,6 +3,14 @@ microbatches, AdamW; jit with explicit shardings and donated state.
 
 A batch is a dict of [batch, seq] arrays: `inputs`, `targets`, `loss_mask`, and optionally
 `segment_ids` / `positions` (packed documents attend only within themselves).
+
+Divergence is caught inside the compiled step, so the host needs no round trip per step: a
+step whose loss, gradient norm or update norm is not finite leaves the parameters and
+optimizer state as they were and is counted in the state (`nonfinite_steps`,
+`last_nonfinite_step`). With `nonfinite="stop"` the first such step also freezes every later
+step, so the state stays the last finite one until the host, at its next look at the
+metrics, stops the run; with "skip" training goes on and the host stops after
+`max_nonfinite_skips`.
 """
 
 from __future__ import annotations
@@ -27,6 +35,8 @@ class TrainState:
     step: jax.Array
     params: Any
     opt_state: Any
+    nonfinite_steps: jax.Array  # int32: steps whose update was not applied (non-finite)
+    last_nonfinite_step: jax.Array  # int32: the newest such step (1-based), 0 if none
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,6 +47,7 @@ class Trainer:
     optimizer_config: OptimizerConfig
     mesh: Mesh
     microbatches: int = 1
+    nonfinite: str = "stop"  # or "skip" (see the module doc)
 
     @property
     def model(self) -> Qwen:
@@ -67,7 +78,8 @@ class Trainer:
 
         opt = jax.tree_util.tree_map_with_path(
             lambda path, leaf: like_param(path, leaf) if leaf.ndim else replicated, abstract_opt)
-        return TrainState(step=replicated, params=params, opt_state=opt)
+        return TrainState(step=replicated, params=params, opt_state=opt,
+                          nonfinite_steps=replicated, last_nonfinite_step=replicated)
 
     def batch_sharding(self) -> NamedSharding:
         return shd.batch_sharding(self.mesh, 2)
@@ -79,10 +91,13 @@ class Trainer:
             lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings)
 
     # ------------------------------------------------------------------ state
+    def _fresh(self, params) -> TrainState:
+        zero = jnp.zeros((), jnp.int32)
+        return TrainState(step=zero, params=params, opt_state=self.optimizer.init(params),
+                          nonfinite_steps=zero, last_nonfinite_step=zero)
+
     def _init(self, rng) -> TrainState:
-        params = init_params(self.model_config, rng)
-        return TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                          opt_state=self.optimizer.init(params))
+        return self._fresh(init_params(self.model_config, rng))
 
     def init_state(self, rng) -> TrainState:
         with shd.activation_sharding(self.mesh):
@@ -91,10 +106,9 @@ class Trainer:
     def state_from_params(self, params) -> TrainState:
         """A fresh optimizer around given (e.g. imported) parameters."""
         shardings = self.state_shardings()
-        init = lambda p: TrainState(step=jnp.zeros((), jnp.int32), params=p,  # noqa: E731
-                                    opt_state=self.optimizer.init(p))
         with shd.activation_sharding(self.mesh):
-            return jax.jit(init, in_shardings=(shardings.params,), out_shardings=shardings)(params)
+            return jax.jit(self._fresh, in_shardings=(shardings.params,),
+                           out_shardings=shardings)(params)
 
     # ------------------------------------------------------------------ loss
     def _loss_sums(self, params, batch, rng, train: bool):
@@ -142,10 +156,25 @@ class Trainer:
         grads = jax.tree_util.tree_map(lambda g: g / count, grads)
         updates, opt_state = self.optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        metrics = {"loss": loss_sum / count, "grad_norm": optax.tree.norm(grads),
+        loss, grad_norm = loss_sum / count, optax.tree.norm(grads)
+        finite = (jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+                  & jnp.isfinite(optax.tree.norm(updates)))
+        halted = (self.nonfinite == "stop") & (state.nonfinite_steps > 0)
+        apply = finite & ~halted
+        bad = ~finite & ~halted
+        keep = lambda new, old: jax.tree_util.tree_map(  # noqa: E731
+            lambda n, o: jnp.where(apply, n, o), new, old)
+        step = state.step + 1
+        new_state = TrainState(
+            step=step, params=keep(params, state.params),
+            opt_state=keep(opt_state, state.opt_state),
+            nonfinite_steps=state.nonfinite_steps + bad.astype(jnp.int32),
+            last_nonfinite_step=jnp.where(bad, step, state.last_nonfinite_step))
+        metrics = {"loss": loss, "grad_norm": grad_norm,
                    "learning_rate": learning_rate_schedule(self.optimizer_config)(state.step),
-                   "tokens": count}
-        return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
+                   "tokens": count, "nonfinite_steps": new_state.nonfinite_steps,
+                   "last_nonfinite_step": new_state.last_nonfinite_step}
+        return new_state, metrics
 
     def _eval_step(self, params, batch):
         loss_sum, count = self._loss_sums(params, batch, None, False)

@@ -1,0 +1,276 @@
+"""The training run behind `train.py`: resume from the latest complete checkpoint (or start
+fresh), train, evaluate, checkpoint, report; on one process or many.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import pathlib
+import shutil
+import signal
+import time
+
+import jax
+import numpy as np
+
+from qwen_jax.data import pipeline as data_lib
+from qwen_jax.io.checkpoint import (BYTE_TOKENIZER, HF_SOURCE_FILE, RUN_CHECKPOINTS, TOKENIZER_FILE,
+                                   copy_side_files, load_params, side_files_dir)
+from qwen_jax.model.config import QwenConfig
+from qwen_jax.parallel import sharding as shd
+from qwen_jax.train import flops
+from qwen_jax.train.build import Run, TrainError, build, shape_of
+from qwen_jax.train.checkpoint import TrainCheckpointer
+from qwen_jax.train.metrics import MetricsWriter
+from qwen_jax.train.processes import agree, barrier
+
+
+# ------------------------------------------------------------------------------- running
+def _global_batch(run: Run, batch: dict):
+    """Every process holds the whole global batch (see `data_iterator`); each device takes
+    its rows, so the arrays do not depend on how the devices split into processes."""
+    sharding = run.trainer.batch_sharding()
+    return {k: jax.make_array_from_callback(batch[k].shape, sharding,
+                                            lambda index, a=np.asarray(batch[k]): a[index])
+            for k in data_lib.BATCH_KEYS}
+
+
+@contextlib.contextmanager
+def _data_errors(what: str):
+    """A data problem (also one raised inside grain's readers, which wrap it) becomes one
+    TrainError naming the file, line and problem."""
+    try:
+        yield
+    except Exception as e:  # noqa: BLE001 (only data errors become messages)
+        cause = e
+        while cause is not None and not isinstance(cause, data_lib.DataError):
+            cause = cause.__cause__ or cause.__context__
+        if cause is None:
+            raise
+        raise TrainError(f"config.data ({what}): {cause}") from None
+
+
+def _next_batch(iterator, what: str) -> dict:
+    with _data_errors(what):
+        try:
+            return next(iterator)
+        except StopIteration:
+            raise TrainError(f"config.data: the {what} data ran out") from None
+
+
+def _initial_state(run: Run, rng):
+    if run.cfg.init_from:
+        params, _ = load_params(run.cfg.init_from, run.model_config,
+                                shardings=run.trainer.param_shardings())
+        dtype = np.dtype(run.model_config.param_dtype)  # e.g. float32 masters from bf16 weights
+        return run.trainer.state_from_params(jax.tree.map(lambda x: x.astype(dtype), params))
+    return run.trainer.init_state(rng)
+
+
+def _evaluate(run: Run, eval_step, params, initial_state) -> float | None:
+    run.eval_data.set_state(initial_state)  # the same validation batches every time
+    loss_sum = tokens = 0.0
+    for _ in range(run.cfg.eval_steps):
+        try:
+            batch = _next_batch(run.eval_data, "eval")
+        except TrainError:
+            if run.eval_data.get_state() == initial_state:
+                raise
+            break  # a finite validation split ends
+        out = jax.device_get(eval_step(params, _global_batch(run, batch)))
+        loss_sum += float(out["loss_sum"])
+        tokens += float(out["tokens"])
+    return loss_sum / tokens if tokens else None
+
+
+def _prepare_workdir(run: Run, workdir: pathlib.Path, config_json: str) -> None:
+    """Process 0 writes the run's files: configs, and the vocabulary and side files of
+    `init_from`, so that the workdir loads like any checkpoint."""
+    if jax.process_index() == 0:
+        workdir.mkdir(parents=True, exist_ok=True)
+        (workdir / "config.json").write_text(config_json + "\n")
+        (workdir / "model_config.json").write_text(run.model_config.to_json() + "\n")
+        if run.cfg.init_from:
+            copy_side_files(side_files_dir(run.cfg.init_from), workdir)
+            source = side_files_dir(run.cfg.init_from) / HF_SOURCE_FILE
+            if source.is_file():
+                shutil.copyfile(source, workdir / HF_SOURCE_FILE)
+        vocab = getattr(run.tokenizer, "vocab_file", None)
+        if vocab is not None and pathlib.Path(vocab) != workdir / TOKENIZER_FILE:
+            shutil.copyfile(vocab, workdir / TOKENIZER_FILE)
+    barrier("workdir")
+
+
+def _tokenizer_record(tokenizer) -> str:
+    return BYTE_TOKENIZER if getattr(tokenizer, "vocab_file", None) is None else TOKENIZER_FILE
+
+
+class _Guard:
+    """The host's side of the divergence check (the step itself keeps a diverged update out
+    of the state): reads the counters in the step's metrics when they reach the host anyway."""
+
+    def __init__(self, cfg, ckpt_dir: pathlib.Path):
+        self.mode, self.max_skips = cfg.nonfinite, cfg.max_nonfinite_skips
+        self.ckpt_dir, self.last_saved = ckpt_dir, None
+
+    def check(self, metrics) -> None:
+        count, last = int(metrics["nonfinite_steps"]), int(metrics["last_nonfinite_step"])
+        if count == 0 or (self.mode == "skip" and count <= self.max_skips):
+            return
+        why = ("a non-finite loss or gradient" if self.mode == "stop" else
+               f"{count} non-finite steps (max_nonfinite_skips={self.max_skips})")
+        good = (f"{self.ckpt_dir / str(self.last_saved)}" if self.last_saved is not None
+                else "none (no checkpoint was saved)")
+        raise TrainError(f"step {last}: {why}; training stopped (config.nonfinite="
+                         f"{self.mode!r}); last good checkpoint: {good}")
+
+
+def train(cfg, workdir, *, config_json: str, stop_at_step: int | None = None) -> dict:
+    """Run (or resume) training in `workdir`; returns the end-of-run summary. `stop_at_step`
+    ends this invocation early (with a checkpoint) without changing the schedule.
+
+    Every process runs this with the same arguments. Decisions about the file system are
+    process 0's, shared with the others; every process takes part in Orbax's saves and
+    restores; only process 0 writes metrics, configs and the summary."""
+    run = build(cfg)
+    workdir = pathlib.Path(workdir).absolute()
+    ckpt_dir = workdir / RUN_CHECKPOINTS
+    primary = jax.process_index() == 0
+    checkpointer = None
+    if agree(ckpt_dir.is_dir()):
+        checkpointer = TrainCheckpointer(ckpt_dir, cfg.keep_checkpoints)
+    start = agree(-1 if checkpointer is None or checkpointer.latest_step() is None
+                   else checkpointer.latest_step())
+    trainer = run.trainer
+    try:
+        if start >= 0:
+            record = checkpointer.stored_config(start)
+            stored_model = QwenConfig.from_hf(record["model"])
+            if shape_of(stored_model) != shape_of(run.model_config):
+                raise TrainError(f"{ckpt_dir}: checkpoint step {start} is for another model "
+                                 f"config: {shape_of(stored_model)} vs "
+                                 f"{shape_of(run.model_config)}")
+            state, data_state = checkpointer.restore(start, trainer.abstract_state())
+            with _data_errors("train"):
+                run.train_data.set_state(data_state)
+        else:
+            start = 0
+            state = _initial_state(run, jax.random.PRNGKey(cfg.seed))
+        batch = _global_batch(run, _next_batch(run.train_data, "train"))
+    except BaseException:
+        if checkpointer is not None:
+            checkpointer.close()
+        raise
+    if checkpointer is None:  # a fresh run: nothing is written before its first batch
+        _prepare_workdir(run, workdir, config_json)
+        checkpointer = TrainCheckpointer(ckpt_dir, cfg.keep_checkpoints)
+    elif primary:
+        (workdir / "config.json").write_text(config_json + "\n")
+    try:
+        return _run_steps(run, state, batch, start, workdir, checkpointer, config_json,
+                          stop_at_step)
+    finally:
+        checkpointer.close()  # waits for a save in flight: the last good one stays complete
+
+
+def _run_steps(run: Run, state, batch, start: int, workdir: pathlib.Path, checkpointer,
+               config_json: str, stop_at_step: int | None) -> dict:
+    cfg, trainer = run.cfg, run.trainer
+    primary = jax.process_index() == 0
+    stored = {"config": json.loads(config_json),
+              "model": run.model_config.to_hf(include_ours=True),
+              "tokenizer": _tokenizer_record(run.tokenizer)}
+    rng = jax.device_put(jax.random.PRNGKey(cfg.seed), shd.replicated(trainer.mesh))
+    eval_initial = run.eval_data.get_state() if run.eval_data is not None else None
+    guard = _Guard(cfg, workdir / RUN_CHECKPOINTS)
+    guard.last_saved = start or None
+
+    preempted = []
+    previous = signal.signal(signal.SIGTERM, lambda *_: preempted.append(True))
+    writer = MetricsWriter(workdir, cfg.num_train_steps, start, enabled=primary)
+    device_kind = jax.devices()[0].device_kind
+    tokens_per_step = cfg.global_batch_size * cfg.data.seq_len
+    flops_per_step = flops.train_flops_per_token(run.model_config, cfg.data.seq_len) \
+        * tokens_per_step
+
+    t0 = time.perf_counter()
+    step_fn = trainer.jit_train_step().lower(state, batch, rng).compile()
+    eval_fn = trainer.jit_eval_step() if run.eval_data is not None else None
+    compile_seconds = time.perf_counter() - t0
+    writer.message(f"model {run.model_config.num_params() / 1e6:.1f}M params, mesh "
+                   f"{dict(trainer.mesh.shape)}, {jax.process_count()} process(es), "
+                   f"{tokens_per_step} tokens/step, tokenizer {run.tokenizer.name}; "
+                   f"compiled in {compile_seconds:.1f}s")
+
+    def save(step):
+        checkpointer.save(step, state, run.train_data.get_state(), stored)
+        guard.last_saved = step
+
+    step, last_saved, train_seconds, history = start, start, 0.0, []
+    interval_start, interval_steps = time.perf_counter(), 0
+    last_step = min(cfg.num_train_steps, stop_at_step or cfg.num_train_steps)
+    metrics = None
+    try:
+        while step < last_step and not preempted:
+            state, metrics = step_fn(state, batch, rng)
+            step += 1
+            interval_steps += 1
+            log = step % cfg.log_every_steps == 0 or step == last_step
+            checkpoint = step % cfg.checkpoint_every_steps == 0 or step == last_step
+            if log or checkpoint:
+                metrics = jax.device_get(metrics)
+            if log:
+                elapsed = time.perf_counter() - interval_start
+                train_seconds += elapsed
+                record = _step_record(metrics, elapsed / interval_steps, tokens_per_step,
+                                      flops_per_step, device_kind)
+                history.append(record["loss"])
+                writer.write(step, record)
+                interval_start, interval_steps = time.perf_counter(), 0
+            if log or checkpoint:
+                guard.check(metrics)  # before any save: a diverged state is never saved
+            writer.advance()
+            if eval_fn is not None and step % cfg.eval_every_steps == 0:
+                eval_loss = _evaluate(run, eval_fn, state.params, eval_initial)
+                writer.write(step, {"eval_loss": eval_loss})
+                interval_start = time.perf_counter()
+            if checkpoint:
+                save(step)
+                last_saved = step
+                interval_start = time.perf_counter()
+            if step < last_step:
+                batch = _global_batch(run, _next_batch(run.train_data, "train"))
+        if preempted and last_saved != step:
+            guard.check(jax.device_get(metrics))
+            save(step)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        writer.close()
+    summary = {"final_step": step, "preempted": bool(preempted),
+               "first_logged_loss": history[0] if history else None,
+               "last_logged_loss": history[-1] if history else None,
+               "nonfinite_steps": int(metrics["nonfinite_steps"]) if metrics else 0,
+               "compile_seconds": round(compile_seconds, 3),
+               "checkpoint_seconds": round(checkpointer.save_seconds, 3),
+               "train_seconds": round(train_seconds, 3)}
+    if primary:
+        print("summary: " + json.dumps(summary, allow_nan=False), flush=True)
+        (workdir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return summary
+
+
+def _step_record(metrics, step_seconds, tokens_per_step, flops_per_step, device_kind) -> dict:
+    per_device = flops_per_step / step_seconds / jax.device_count()
+    record = {"loss": float(metrics["loss"]), "grad_norm": float(metrics["grad_norm"]),
+              "learning_rate": float(metrics["learning_rate"]),
+              "step_seconds": step_seconds, "tokens_per_second": tokens_per_step / step_seconds,
+              "tflops_per_device": per_device / 1e12}
+    if int(metrics["nonfinite_steps"]):
+        record["nonfinite_steps"] = int(metrics["nonfinite_steps"])
+    utilisation = flops.mfu(per_device, device_kind)
+    if utilisation is not None:
+        record["mfu"] = utilisation
+    return record
+
+

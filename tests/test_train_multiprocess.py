@@ -1,0 +1,165 @@
+"""Several train.py processes on this machine, as on a pod: 2 processes x 4 CPU devices
+against 1 x 8 on the (2, 2, 2) mesh (CPU collectives through gloo), from a fresh workdir;
+resuming on another process count; a kill -9 of one process, then a restart of the job.
+
+Every process is started with its own id and ended by it; none outlives its test.
+"""
+
+import json
+import os
+import pathlib
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from qwen_jax.io.checkpoint import latest_run_step, load_params
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+STEPS = 6
+COMMON = ["--config.data.seq_len=32", "--config.global_batch_size=8", "--config.mesh=(2,2,2)",
+          "--config.log_every_steps=1", "--config.checkpoint_every_steps=3",
+          "--config.eval_every_steps=3", "--config.eval_steps=2"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(workdir, processes: int, *overrides, steps: int = STEPS) -> list[subprocess.Popen]:
+    """One job: `processes` train.py processes sharing 8 CPU devices between them."""
+    port = _free_port()
+    procs = []
+    for i in range(processes):
+        env = dict(os.environ, JAX_PLATFORMS="cpu",
+                   XLA_FLAGS=f"--xla_force_host_platform_device_count={8 // processes}")
+        cmd = [sys.executable, str(ROOT / "train.py"), "--config", str(ROOT / "configs/tiny.py"),
+               "--workdir", str(workdir), f"--config.num_train_steps={steps}", *COMMON,
+               *overrides]
+        if processes > 1:
+            cmd += [f"--coordinator_address=127.0.0.1:{port}", f"--num_processes={processes}",
+                    f"--process_id={i}"]
+        procs.append(subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE,
+                                      stderr=subprocess.PIPE, text=True))
+    return procs
+
+
+def finish(procs, timeout=300) -> None:
+    try:
+        outputs = [p.communicate(timeout=timeout) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    for p, (_, err) in zip(procs, outputs):
+        assert p.returncode == 0, err[-3000:]
+
+
+def train(workdir, processes, *overrides, steps=STEPS):
+    finish(launch(workdir, processes, *overrides, steps=steps))
+
+
+def logged(workdir, key="loss") -> dict[int, float]:
+    """The last value logged for each step (a restarted run logs some steps again)."""
+    out = {}
+    for line in (pathlib.Path(workdir) / "metrics.jsonl").read_text().splitlines():
+        record = json.loads(line)
+        if key in record:
+            out[record["step"]] = record[key]
+    return out
+
+
+def params(workdir):
+    return load_params(workdir, as_numpy=True)[0]
+
+
+def assert_same_run(got_dir, want_dir, steps):
+    got, want = logged(got_dir), logged(want_dir)
+    assert sorted(got) == sorted(want) == list(range(1, steps + 1))
+    np.testing.assert_allclose([got[s] for s in want], list(want.values()), rtol=0, atol=1e-5)
+    np.testing.assert_allclose(list(logged(got_dir, "eval_loss").values()),
+                               list(logged(want_dir, "eval_loss").values()), rtol=0, atol=1e-5)
+    a, b = params(got_dir), params(want_dir)
+    for (path, x), y in zip(_leaves(a), [leaf for _, leaf in _leaves(b)]):
+        np.testing.assert_allclose(x, y, rtol=0, atol=1e-5, err_msg=path)
+
+
+def _leaves(tree):
+    import jax
+
+    return [(jax.tree_util.keystr(p), x) for p, x in jax.tree_util.tree_leaves_with_path(tree)]
+
+
+@pytest.fixture(scope="module")
+def single(tmp_path_factory):
+    """The reference: one process with 8 devices, uninterrupted."""
+    workdir = tmp_path_factory.mktemp("single") / "run"
+    train(workdir, 1)
+    return workdir
+
+
+@pytest.mark.slow
+def test_two_processes_train_like_one(single, tmp_path):
+    workdir = tmp_path / "run"
+    procs = launch(workdir, 2)
+    finish(procs)
+    assert_same_run(workdir, single, STEPS)
+    summary = json.loads((workdir / "summary.json").read_text())
+    assert summary["final_step"] == STEPS
+    # one process wrote the metrics: every step once
+    assert len([r for r in (workdir / "metrics.jsonl").read_text().splitlines()
+                if '"loss"' in r]) == STEPS
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("first, second", [(1, 2), (2, 1)])
+def test_resume_on_another_process_count(single, tmp_path, first, second):
+    workdir = tmp_path / "run"
+    train(workdir, first, "--stop_at_step=3")
+    assert latest_run_step(workdir) == 3
+    train(workdir, second)
+    assert_same_run(workdir, single, STEPS)
+
+
+@pytest.mark.slow
+def test_kill_one_process_then_restart_the_job(tmp_path):
+    """kill -9 of process 1 after the first checkpoint; the job (both processes) is ended as
+    a scheduler would and started again: it continues from the last complete checkpoint and
+    ends where an uninterrupted run ends."""
+    steps, every = 60, ["--config.checkpoint_every_steps=10", "--config.eval_every_steps=0"]
+    reference = tmp_path / "reference"
+    train(reference, 2, *every, steps=steps)
+    workdir = tmp_path / "run"
+    procs = launch(workdir, 2, *every, steps=steps)
+    try:
+        deadline = time.time() + 240
+        while time.time() < deadline:
+            if (workdir / "checkpoints").is_dir() and (latest_run_step(workdir) or 0) >= 10:
+                break
+            assert all(p.poll() is None for p in procs), procs[0].communicate()[1][-3000:]
+            time.sleep(0.02)
+        else:
+            raise AssertionError("no checkpoint within the time limit")
+        os.kill(procs[1].pid, signal.SIGKILL)
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+            p.communicate()
+    assert procs[1].returncode == -signal.SIGKILL
+    resumed_from = latest_run_step(workdir)
+    assert 10 <= resumed_from < steps, "the kill came after the run had ended"
+    train(workdir, 2, *every, steps=steps)
+    got, want = logged(workdir), logged(reference)
+    assert sorted(got) == list(range(1, steps + 1))
+    np.testing.assert_allclose([got[s] for s in range(1, steps + 1)],
+                               [want[s] for s in range(1, steps + 1)], rtol=0, atol=1e-5)
+    summary = json.loads((workdir / "summary.json").read_text())
+    assert summary["final_step"] == steps
