@@ -49,6 +49,15 @@ def base_config() -> ml_collections.ConfigDict:
         "grad_clip_norm": 1.0,
     })
 
+    # The lm_head + cross-entropy fused and chunked (qwen_jax/model/loss.py): the float32
+    # [tokens, vocab] logits are never materialised. z_loss / label_smoothing: training only.
+    c.loss = ml_collections.ConfigDict({
+        "fused": True,
+        "chunk_tokens": 4096,
+        "z_loss": 0.0,
+        "label_smoothing": 0.0,
+    })
+
     c.seed = 0
     c.num_train_steps = 500_000
     c.log_every_steps = 10

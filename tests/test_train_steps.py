@@ -176,3 +176,27 @@ def test_nonfinite_step_leaves_state_untouched(mode):
     changed = not np.array_equal(nxt.params["lm_head"]["kernel"],
                                  start.params["lm_head"]["kernel"])
     assert changed == (mode == "skip")
+
+
+@pytest.mark.parametrize("microbatches", [1, 2])
+def test_fused_loss_step_equals_the_plain_one(microbatches):
+    """The default fused lm_head + cross-entropy gives the plain step's loss, gradient norm
+    and updated parameters (float32)."""
+    from qwen_jax.train.steps import LossConfig
+
+    mesh = sharding.make_mesh((1, 2, 2), jax.devices()[:4])
+    batch = make_batch()
+    results = []
+    for loss in (LossConfig(fused=True, chunk_tokens=24), LossConfig(fused=False)):
+        trainer = Trainer(CFG, OPT, mesh, microbatches=microbatches, loss=loss)
+        state = trainer.init_state(jax.random.PRNGKey(0))
+        state, metrics = trainer.jit_train_step()(state, batch, jax.random.PRNGKey(1))
+        evals = trainer.jit_eval_step()(state.params, batch)
+        results.append(jax.device_get((state.params, metrics["loss"], metrics["grad_norm"],
+                                       evals["loss_sum"])))
+    fused, plain = results
+    np.testing.assert_allclose(fused[1], plain[1], rtol=1e-6)
+    np.testing.assert_allclose(fused[2], plain[2], rtol=1e-5)
+    np.testing.assert_allclose(fused[3], plain[3], rtol=1e-6)
+    jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5), fused[0],
+                           plain[0])

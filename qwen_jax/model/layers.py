@@ -96,7 +96,7 @@ def einsum_f32_accumulate(equation: str, x, kernel, dtype, precision=None):
     return _dense_f32(n_contract, jnp.dtype(dtype), precision, x.astype(dtype), kernel)
 
 
-def _dot32(a, b, contract, precision):
+def dot32(a, b, contract, precision):
     """2-D a [m, k] with b [k, n] (contract=0) or b [n, k] (contract=1), float32 out."""
     return jax.lax.dot_general(a, b, (((1,), (contract,)), ((), ())), precision=precision,
                                preferred_element_type=jnp.float32)
@@ -106,7 +106,7 @@ def _as_matrix(a, n_front: int):
     return a.reshape(math.prod(a.shape[:n_front]), math.prod(a.shape[n_front:]))
 
 
-def _transposed_copy(a):
+def transposed_copy(a):
     """a.T materialized row-major. A plain transpose is only a layout change in XLA, which
     a dot then reads as a column-major operand; through a trailing unit axis it is a copy."""
     return jnp.transpose(a[:, :, None], (1, 0, 2)).reshape(a.shape[1], a.shape[0])
@@ -115,7 +115,7 @@ def _transposed_copy(a):
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
 def _dense_f32(n_contract, dtype, precision, x, kernel):
     n_lead = x.ndim - n_contract
-    y = _dot32(_as_matrix(x, n_lead), _as_matrix(kernel.astype(dtype), n_contract), 0, precision)
+    y = dot32(_as_matrix(x, n_lead), _as_matrix(kernel.astype(dtype), n_contract), 0, precision)
     return y.astype(dtype).reshape(*x.shape[:n_lead], *kernel.shape[n_contract:])
 
 
@@ -128,9 +128,9 @@ def _dense_f32_bwd(n_contract, dtype, precision, residuals, g):
     n_lead = x.ndim - n_contract
     g2 = _as_matrix(g, n_lead)  # [lead, out], in dtype like the output
     k2 = _as_matrix(kernel.astype(dtype), n_contract)  # [c, out]
-    dx = _dot32(g2, k2, 1, precision).astype(x.dtype).reshape(x.shape)
-    x2t = _transposed_copy(_as_matrix(x, n_lead))  # [c, lead]
-    dkernel = _dot32(x2t, g2, 0, precision).astype(kernel.dtype).reshape(kernel.shape)
+    dx = dot32(g2, k2, 1, precision).astype(x.dtype).reshape(x.shape)
+    x2t = transposed_copy(_as_matrix(x, n_lead))  # [c, lead]
+    dkernel = dot32(x2t, g2, 0, precision).astype(kernel.dtype).reshape(kernel.shape)
     return dx, dkernel
 
 

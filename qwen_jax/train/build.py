@@ -17,7 +17,7 @@ from qwen_jax.model.config import ConfigError, QwenConfig, preset
 from qwen_jax.model.transformer import param_shardings
 from qwen_jax.parallel import sharding as shd
 from qwen_jax.train.optim import OptimizerConfig
-from qwen_jax.train.steps import Trainer
+from qwen_jax.train.steps import LossConfig, Trainer
 
 _SHAPE_KEYS = ("hidden_size", "num_attention_heads", "num_hidden_layers", "intermediate_size",
                "kv_channels", "vocab_size")
@@ -125,7 +125,12 @@ def build_trainer(cfg, mesh=None) -> Trainer:
         param_shardings(config, mesh)
     except (ValueError, shd.ShardingError) as e:
         raise TrainError(f"config: {e}") from None
-    return Trainer(config, opt, mesh, micro, nonfinite=cfg.nonfinite)
+    loss = LossConfig(**dict(cfg.loss))
+    try:
+        loss.validate()
+    except ValueError as e:
+        raise TrainError(f"config.{e}") from None
+    return Trainer(config, opt, mesh, micro, nonfinite=cfg.nonfinite, loss=loss)
 
 
 def build(cfg) -> Run:

@@ -25,9 +25,30 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from qwen_jax.model.config import QwenConfig
+from qwen_jax.model.layers import jnp_dtype, precision
+from qwen_jax.model.loss import fused_cross_entropy
 from qwen_jax.model.transformer import Qwen, init_params, param_shardings
 from qwen_jax.parallel import sharding as shd
 from qwen_jax.train.optim import OptimizerConfig, learning_rate_schedule, make_optimizer
+
+
+@dataclasses.dataclass(frozen=True)
+class LossConfig:
+    """The next-token loss. `fused`: the lm_head and cross-entropy run chunk by chunk
+    (model/loss.py), never materialising the [tokens, vocab] logits; exact against the
+    plain loss. z_loss and label_smoothing apply to training, not evaluation."""
+
+    fused: bool = True
+    chunk_tokens: int = 4096
+    z_loss: float = 0.0
+    label_smoothing: float = 0.0
+
+    def validate(self) -> None:
+        if self.chunk_tokens < 1 or self.z_loss < 0 or not 0 <= self.label_smoothing < 1:
+            raise ValueError(f"loss: chunk_tokens >= 1, z_loss >= 0 and 0 <= label_smoothing "
+                             f"< 1 expected, got {self}")
+        if not self.fused and (self.z_loss or self.label_smoothing):
+            raise ValueError("loss: z_loss and label_smoothing need fused=True")
 
 
 @flax.struct.dataclass
@@ -48,6 +69,7 @@ class Trainer:
     mesh: Mesh
     microbatches: int = 1
     nonfinite: str = "stop"  # or "skip" (see the module doc)
+    loss: LossConfig = LossConfig()
 
     @property
     def model(self) -> Qwen:
@@ -113,14 +135,28 @@ class Trainer:
     # ------------------------------------------------------------------ loss
     def _loss_sums(self, params, batch, rng, train: bool):
         """(sum of masked token losses, number of loss tokens) for one microbatch."""
-        logits, _ = self.model.apply(
+        head = None
+        if self.loss.fused:
+            cfg, loss = self.model_config, self.loss
+
+            def head(hidden, _to_logits):
+                return fused_cross_entropy(
+                    hidden, params["lm_head"]["kernel"], batch["targets"],
+                    dtype=jnp_dtype(cfg.dtype), chunk_tokens=loss.chunk_tokens,
+                    z_loss=loss.z_loss if train else 0.0,
+                    label_smoothing=loss.label_smoothing if train else 0.0,
+                    precision=precision(cfg))
+
+        out, _ = self.model.apply(
             {"params": params}, batch["inputs"], positions=batch.get("positions"),
             segment_ids=batch.get("segment_ids"), train=train,
-            rngs={"dropout": rng} if train else None)
-        logz = jax.nn.logsumexp(logits, axis=-1)
-        target_logit = jnp.take_along_axis(logits, batch["targets"][..., None], axis=-1)[..., 0]
+            rngs={"dropout": rng} if train else None, head=head)
+        if head is None:  # out: the logits
+            logz = jax.nn.logsumexp(out, axis=-1)
+            target = jnp.take_along_axis(out, batch["targets"][..., None], axis=-1)[..., 0]
+            out = logz - target
         mask = batch["loss_mask"].astype(jnp.float32)
-        return jnp.sum((logz - target_logit) * mask), jnp.sum(mask)
+        return jnp.sum(out * mask), jnp.sum(mask)
 
     def _split_microbatches(self, batch):
         """[B, T] -> [k, B/k, T]; microbatch i takes rows i, i+k, ... so every device's slice

@@ -1,0 +1,135 @@
+"""Next-token cross-entropy fused with the lm_head, chunk by chunk: the [tokens, vocab]
+logits are never materialised.
+
+`fused_cross_entropy(hidden, kernel, targets)` gives each position's loss [B, T] (float32)
+from the final hidden states [B, T, H] and the lm_head kernel [H, V]. The sequence is cut
+into chunks; each chunk's logits are made, reduced to the loss and dropped. A custom VJP
+keeps only each position's log-partition (logz) and recomputes a chunk's logits in the
+backward pass to form `dlogits = softmax - onehot` and from it the hidden and kernel
+gradients, so the peak memory of the loss is one chunk's logits, not the sequence's (the
+anchors: Liger's fused linear cross-entropy, MaxText's vocabulary tiling, levanter's
+blockwise cross-entropy, Apple's Cut Cross-Entropy).
+
+Per position, with logits l = h W, p = softmax(l), target y:
+    loss = (1 - eps) (logz - l_y) + eps (logz - mean(l)) + z logz^2
+    dloss/dl = p (1 + 2 z logz) - (1 - eps) onehot(y) - eps / V
+(label smoothing eps and z-loss z are off by default). Logits are float32 from the compute-
+dtype operands (float32 accumulation); on CPU the kernel gradient contracts a transposed
+copy of h so that bfloat16 runs on XLA's bf16 dot kernels (see layers.einsum_f32_accumulate).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from qwen_jax.model import layers
+from qwen_jax.model.layers import dot32, transposed_copy
+
+
+def fused_cross_entropy(hidden, kernel, targets, *, dtype=jnp.float32, chunk_tokens: int = 4096,
+                        z_loss: float = 0.0, label_smoothing: float = 0.0, precision=None):
+    """Per-position loss [B, T] float32 of `hidden` [B, T, H] through `kernel` [H, V] against
+    `targets` [B, T]. Chunks hold about `chunk_tokens` positions (whole rows of the batch
+    times a slice of the sequence)."""
+    b, t, _ = hidden.shape
+    length = max(1, min(t, chunk_tokens // max(b, 1)))
+    pad = -t % length
+    if pad:
+        hidden = jnp.pad(hidden, ((0, 0), (0, pad), (0, 0)))
+        targets = jnp.pad(targets, ((0, 0), (0, pad)))
+    static = (length, jnp.dtype(dtype), float(z_loss), float(label_smoothing), precision)
+    loss = _fused(static, hidden.astype(dtype), kernel, targets.astype(jnp.int32))
+    return loss[:, :t]
+
+
+def _chunks(x, length):
+    """[B, T, ...] -> [T / length, B, length, ...] (the scan axis first)."""
+    b, t = x.shape[:2]
+    return jnp.swapaxes(x.reshape(b, t // length, length, *x.shape[2:]), 0, 1)
+
+
+def _unchunk(x):
+    n, b, length = x.shape[:3]
+    return jnp.swapaxes(x, 0, 1).reshape(b, n * length, *x.shape[3:])
+
+
+@jax.named_scope("lm_head")  # the projection's name in profiles and compiled HLO
+def _logits(h, kernel, dtype, precision):
+    """[B, C, H] x [H, V] -> [B, C, V] float32."""
+    b, c, width = h.shape
+    out = dot32(h.reshape(b * c, width), kernel.astype(dtype), 0, precision)
+    return out.reshape(b, c, -1)
+
+
+@jax.named_scope("lm_head")
+def _backward_dots(h, d2, k, dtype_h, cpu_layout, precision):
+    """dh = dlogits W^T and this chunk's kernel gradient h^T dlogits (float32)."""
+    b, c, width = h.shape
+    h2 = h.reshape(b * c, width)
+    dh = dot32(d2, k, 1, precision).astype(dtype_h).reshape(b, c, width)
+    ht = transposed_copy(h2) if cpu_layout else h2.T
+    return dh, dot32(ht, d2, 0, precision)
+
+
+def _forward(static, hidden, kernel, targets):
+    length, dtype, z_loss, eps, precision = static
+
+    def one(_, xs):
+        h, y = xs
+        logits = _logits(h, kernel, dtype, precision)
+        logz = jax.nn.logsumexp(logits, axis=-1)
+        target = jnp.take_along_axis(logits, y[..., None], axis=-1)[..., 0]
+        loss = logz - target
+        if eps:
+            loss = (1 - eps) * loss + eps * (logz - jnp.mean(logits, axis=-1))
+        if z_loss:
+            loss = loss + z_loss * jnp.square(logz)
+        return None, (loss, logz)
+
+    _, (loss, logz) = jax.lax.scan(one, None, (_chunks(hidden, length), _chunks(targets, length)))
+    return _unchunk(loss), _unchunk(logz)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _fused(static, hidden, kernel, targets):
+    return _forward(static, hidden, kernel, targets)[0]
+
+
+def _fused_fwd(static, hidden, kernel, targets):
+    loss, logz = _forward(static, hidden, kernel, targets)
+    return loss, (hidden, kernel, targets, logz)
+
+
+def _fused_bwd(static, residuals, g):
+    length, dtype, z_loss, eps, precision = static
+    hidden, kernel, targets, logz = residuals
+    vocab = kernel.shape[-1]
+    k = kernel.astype(dtype)
+    cpu_layout = layers.accumulate_in_f32(dtype)
+
+    def one(dkernel, xs):
+        h, y, lz, gc = xs
+        b, c, _ = h.shape
+        logits = _logits(h, kernel, dtype, precision)
+        p = jnp.exp(logits - lz[..., None])
+        scale = 1.0 + 2.0 * z_loss * lz if z_loss else 1.0
+        dlogits = p * (scale * gc)[..., None] if z_loss else p * gc[..., None]
+        onehot = jax.nn.one_hot(y, vocab, dtype=jnp.float32)
+        dlogits = dlogits - ((1.0 - eps) * gc)[..., None] * onehot
+        if eps:
+            dlogits = dlogits - (eps / vocab) * gc[..., None]
+        d2 = dlogits.astype(dtype).reshape(b * c, vocab)
+        dh, dk = _backward_dots(h, d2, k, hidden.dtype, cpu_layout, precision)
+        return dkernel + dk, dh
+
+    dkernel, dh = jax.lax.scan(
+        one, jnp.zeros(kernel.shape, jnp.float32),
+        (_chunks(hidden, length), _chunks(targets, length), _chunks(logz, length),
+         _chunks(g.astype(jnp.float32), length)))
+    return _unchunk(dh), dkernel.astype(kernel.dtype), None
+
+
+_fused.defvjp(_fused_fwd, _fused_bwd)
