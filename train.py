@@ -80,6 +80,9 @@ def compile_only() -> int:
     # Compile for the topology only; never claim this host's accelerators.
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
     os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+    from qwen_jax.parallel.devices import quiet_topology_compiles
+
+    quiet_topology_compiles()
     logging.set_verbosity(logging.WARNING)
     from qwen_jax.train import aot
     from qwen_jax.train import loop as train_loop

@@ -39,6 +39,8 @@ def test_tiny_compiles_and_reports(tmp_path, topology, devices, mesh, chip):
     proc = compile_only("tiny", topology, "--config.data.source=/nonexistent/corpus",
                         tmp_path=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert not any(w in proc.stderr for w in ("E0000", "Failed to find host bounds",
+                                              "unexpected worker hostname")), proc.stderr
     out = proc.stdout
     assert f"{devices} devices" in out and f"mesh {mesh}" in out
     for field in ("train step: compiled in", "decode step: compiled in", "arguments",

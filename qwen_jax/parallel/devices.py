@@ -41,3 +41,14 @@ def skip_absent_tpu() -> bool:
         return False
     jax.config.update("jax_platforms", "cpu")
     return True
+
+
+def quiet_topology_compiles() -> None:
+    """For compile-only runs on a host without a TPU: libtpu's compiler is wanted, its host
+    runtime is not. Without these two variables it looks for the host's TPU workers and
+    accelerator type and prints errors about both; the compiled programs do not depend on
+    them (the target topology is given explicitly)."""
+    if _has_tpu_chip():
+        return
+    os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
+    os.environ.setdefault("TPU_ACCELERATOR_TYPE", "v5litepod-4")
