@@ -140,3 +140,16 @@ def test_import_reader_resolves_submodules():
     src = PACKAGE / "io" / "checkpoint.py"
     deps = imports_of(src, modules)
     assert "qwen_jax.model.config" in deps
+
+
+def test_every_subpackage_is_packaged():
+    """A non-editable install carries every subpackage (pyproject's find rule)."""
+    import tomllib
+
+    import setuptools
+
+    project = tomllib.loads((PACKAGE.parent / "pyproject.toml").read_text())
+    rule = project["tool"]["setuptools"]["packages"]["find"]
+    found = set(setuptools.find_packages(str(PACKAGE.parent), include=rule["include"]))
+    on_disk = {module_name(p.parent / "__init__.py") for p in PACKAGE.rglob("__init__.py")}
+    assert on_disk <= found, on_disk - found
