@@ -1,6 +1,7 @@
-"""The CPU demo: a small Qwen trained on the Python standard library sources of the running
-interpreter, with the byte-level tokenizer when no Qwen vocabulary is around. On 2 CPU cores
-the loss visibly falls within a few minutes."""
+"""The CPU demo: a small Qwen (hidden 128, 2 layers, 0.5M parameters) trained on the Python
+standard library sources of the running interpreter, with the byte-level tokenizer (the same
+run on every machine). 3000 steps of 8 x 256 bytes take about 4-5 minutes on 2 CPU cores and
+end with a model whose samples are recognisably Python."""
 
 from configs.base import base_config
 
@@ -14,11 +15,11 @@ def get_config():
     c.data.seq_len = 256
     c.data.source = "stdlib"
     c.global_batch_size = 8
-    c.optimizer.peak_learning_rate = 3e-3
-    c.optimizer.warmup_steps = 20
-    c.num_train_steps = 300
-    c.log_every_steps = 10
-    c.eval_every_steps = 100
+    c.optimizer.peak_learning_rate = 1e-3
+    c.optimizer.warmup_steps = 100
+    c.num_train_steps = 3000
+    c.log_every_steps = 50
+    c.eval_every_steps = 1000
     c.eval_steps = 4
-    c.checkpoint_every_steps = 100
+    c.checkpoint_every_steps = 1000
     return c

@@ -205,7 +205,9 @@ def test_readme_main_command(tmp_path):
     workdir = tmp_path / "tiny"
     args[args.index("--workdir") + 1] = str(workdir)
     result = subprocess.run([sys.executable, str(ROOT / "train.py"), *args,
-                             "--config.num_train_steps=30", "--config.eval_every_steps=15"],
+                             "--config.num_train_steps=30", "--config.eval_every_steps=15",
+                             "--config.log_every_steps=5", "--config.optimizer.warmup_steps=5",
+                             "--config.optimizer.peak_learning_rate=3e-3"],
                             cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads((workdir / "summary.json").read_text())

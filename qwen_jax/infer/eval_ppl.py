@@ -3,6 +3,7 @@
     python -m qwen_jax.eval_ppl --checkpoint DIR --data PATH --lengths 1024,2048,4096,8192
                                 [--dynamic-ntk] [--logn] [--window W | W1,W2,...]
                                 [--batch-size 1] [--max-windows N] [--plot out.png]
+                                [--trained-length N]
 
 Every document is cut into non-overlapping windows of each length (a remainder shorter than
 the length is dropped); each window is one forward without a cache, and perplexity is
@@ -10,8 +11,11 @@ exp(mean NLL) over every predicted token of every window. Rows of the printed ma
 add the requested techniques one at a time to the baseline (both off, no windows), in the
 report's order: dynamic NTK, LogN, window attention. A length no document reaches shows "-".
 
---data: a text file (one document), a .jsonl file ({"text": ...} per line), or a directory
-(each file one document). --plot needs matplotlib (pip install "matplotlib>=3.7").
+--data: a text file (one document), a .jsonl file ({"text": ...} per line), a directory
+(each file one document), or `stdlib-validation` (the standard-library files that training on
+`data.source="stdlib"` holds out). --plot needs matplotlib (pip install "matplotlib>=3.7"); it marks
+the trained length (--trained-length; default: a training run's sequence length, else the
+config's seq_length) with a dashed line.
 """
 
 from __future__ import annotations
@@ -27,6 +31,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from qwen_jax.cli import CLIError, Parser, add_model_args, load_model, run_cli
+from qwen_jax.data.sources import document_text, list_documents
+from qwen_jax.io.checkpoint import locate, step_record
 from qwen_jax.model.config import QwenConfig
 from qwen_jax.model.transformer import Qwen
 
@@ -65,7 +71,14 @@ def perplexity(params, config: QwenConfig, windows: np.ndarray, batch_size: int)
     return math.exp(total / (len(windows) * (windows.shape[1] - 1)))
 
 
+STDLIB_VALIDATION = "stdlib-validation"
+
+
 def load_documents(path) -> list[str]:
+    if str(path) == STDLIB_VALIDATION:  # held out from training on data.source="stdlib"
+        index = list_documents("stdlib", split="validation")
+        return [text for i in range(len(index))
+                if (text := document_text(index, i, "text")[0]).strip()]
     path = pathlib.Path(path)
     if path.is_dir():
         files = sorted(p for p in path.rglob("*") if p.is_file())
@@ -127,28 +140,92 @@ def markdown_table(lengths, results) -> str:
     return "\n".join(lines)
 
 
-def save_plot(path, lengths, results) -> None:
-    import matplotlib
+def checkpoint_name(checkpoint) -> str:
+    """The name a plot gives a checkpoint: its directory name; a training run's step
+    directory (WORKDIR/checkpoints/<step>) reads as "<run> step <step>"."""
+    path = pathlib.Path(checkpoint).absolute().resolve()
+    if path.name.isdigit() and path.parent.name == "checkpoints":
+        return f"{path.parent.parent.name} step {path.name}"
+    return path.name
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 4))
+def trained_length(checkpoint, config: QwenConfig) -> int:
+    """The context a checkpoint was trained at: a training run's sequence length
+    (config.data.seq_len in its record), else the model config's seq_length."""
+    located = locate(checkpoint)
+    if located.step_dir is not None:
+        seq_len = step_record(located.step_dir).get("config", {}).get("data", {}).get("seq_len")
+        if isinstance(seq_len, int) and seq_len > 0:
+            return seq_len
+    return config.seq_length
+
+
+def _plain_number(value, _position=None) -> str:
+    """A tick label without scientific notation: 20, 2.5, 1500."""
+    return np.format_float_positional(float(value), precision=4, trim="-")
+
+
+def make_figure(lengths, results, *, trained_length: int | None = None, title: str = ""):
+    """The perplexity-vs-length figure (a matplotlib Figure, no pyplot state): one line per
+    row, x ticks at exactly the evaluated lengths, plain-number perplexities, and a dashed
+    vertical line at `trained_length` (None: no line)."""
+    from matplotlib import ticker
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(6.4, 4.2))
+    ax = fig.add_subplot()
     for label, ppls in results:
         points = [(n, p) for n, p in zip(lengths, ppls) if p is not None]
         ax.plot([n for n, _ in points], [p for _, p in points], marker="o", label=label)
-    ax.set(xscale="log", yscale="log", xlabel="context length (tokens)", ylabel="perplexity")
-    ax.set_xticks(lengths, [str(n) for n in lengths])
+    if trained_length:
+        ax.axvline(trained_length, color="0.4", linestyle="--", linewidth=1,
+                   label=f"trained length ({trained_length})", gid="trained-length")
+
+    # x: lengths are usually powers of two, evenly spaced on a base-2 log axis; a tick and a
+    # plain label at each evaluated length and nothing else (no minor ticks or labels).
+    ax.set_xscale("log", base=2)
+    ax.xaxis.set_major_locator(ticker.FixedLocator(list(lengths)))
+    ax.xaxis.set_major_formatter(ticker.FixedFormatter([str(n) for n in lengths]))
+    ax.xaxis.set_minor_locator(ticker.NullLocator())
+    ax.xaxis.set_minor_formatter(ticker.NullFormatter())
+
+    # y: log when the perplexities span more than a factor of 5 (a blow-up past the trained
+    # length), ticks at 1-2-5 steps (decades only past 3 decades), unlabelled minor ticks;
+    # linear otherwise. Labels are plain numbers either way.
+    values = [p for _, ppls in results for p in ppls if p is not None and p > 0]
+    ratio = max(values) / min(values) if values else 1.0
+    if ratio > 5:
+        ax.set_yscale("log")
+        subs = (1.0, 2.0, 5.0) if ratio <= 1e3 else (1.0,)
+        ax.yaxis.set_major_locator(ticker.LogLocator(base=10, subs=subs))
+        ax.yaxis.set_major_formatter(ticker.FuncFormatter(_plain_number))
+        ax.yaxis.set_minor_formatter(ticker.NullFormatter())
+    else:
+        formatter = ticker.ScalarFormatter(useOffset=False)
+        formatter.set_scientific(False)
+        ax.yaxis.set_major_formatter(formatter)
+    ax.set(xlabel="context length (tokens)", ylabel="perplexity")
+    ax.set_title(f"{title}: perplexity vs context length" if title
+                 else "perplexity vs context length")
+    ax.grid(True, which="major", alpha=0.3)
     ax.legend()
     fig.tight_layout()
+    return fig
+
+
+def save_plot(path, lengths, results, *, trained_length: int | None = None,
+              title: str = ""):
+    """Write `make_figure(...)` to `path` (PNG); returns the figure."""
+    fig = make_figure(lengths, results, trained_length=trained_length, title=title)
     fig.savefig(path, dpi=120)
-    plt.close(fig)
+    return fig
 
 
 def _main(argv=None) -> int:
     p = Parser(prog="python -m qwen_jax.eval_ppl", description=__doc__.splitlines()[0])
     add_model_args(p)
-    p.add_argument("--data", required=True, help="text file, .jsonl file or directory")
+    p.add_argument("--data", required=True,
+                   help="text file, .jsonl file, directory, or stdlib-validation")
     p.add_argument("--lengths", default="1024,2048,4096,8192", help="window lengths")
     p.add_argument("--dynamic-ntk", action="store_true", help="add dynamic NTK interpolation")
     p.add_argument("--logn", action="store_true", help="add LogN attention scaling")
@@ -157,10 +234,15 @@ def _main(argv=None) -> int:
     p.add_argument("--batch-size", type=int, default=1, help="windows per forward")
     p.add_argument("--max-windows", type=int, help="evaluate at most this many per length")
     p.add_argument("--plot", help="also save a PNG plot here (needs matplotlib)")
+    p.add_argument("--trained-length", type=int,
+                   help="--plot: mark this context length with a dashed line (default: a "
+                   "training run's sequence length, else the config's seq_length; 0 = none)")
     args = p.parse_args(argv)
     lengths = parse_ints(args.lengths, "--lengths", 2)
     if args.batch_size < 1 or (args.max_windows is not None and args.max_windows < 1):
         raise CLIError("--batch-size and --max-windows must be positive")
+    if args.trained_length is not None and args.trained_length < 0:
+        raise CLIError(f"--trained-length {args.trained_length}: expected >= 0 (0 = no line)")
     if args.plot:
         try:
             import matplotlib  # noqa: F401
@@ -189,7 +271,10 @@ def _main(argv=None) -> int:
         results.append((label, ppls))
     print(markdown_table(lengths, results))
     if args.plot:
-        save_plot(args.plot, lengths, results)
+        trained = (trained_length(args.checkpoint, config) if args.trained_length is None
+                   else args.trained_length)
+        save_plot(args.plot, lengths, results, trained_length=trained or None,
+                  title=checkpoint_name(args.checkpoint))
         print(f"plot saved to {args.plot}", file=sys.stderr)
     return 0
 
