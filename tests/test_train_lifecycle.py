@@ -203,6 +203,12 @@ def test_generate_chat_and_eval_ppl_on_a_workdir(trained, tmp_path):
               module="qwen_jax.eval_ppl")
     assert ppl.returncode == 0, ppl.stderr[-3000:]
     assert "| 32 " in ppl.stdout or "32" in ppl.stdout.splitlines()[0]
+    held_out = cli("--checkpoint", trained / "checkpoints" / "4", "--data", "stdlib-validation",
+                   "--lengths", "32,128", "--max-windows", 2, "--dynamic-ntk",
+                   "--plot", tmp_path / "ppl.png", module="qwen_jax.eval_ppl")
+    assert held_out.returncode == 0, held_out.stderr[-3000:]
+    assert "trained length 64" in held_out.stderr  # the run's data.seq_len
+    assert (tmp_path / "ppl.png").read_bytes()[:4] == b"\x89PNG"
 
 
 def test_export_then_import_is_bit_exact(trained, tmp_path):

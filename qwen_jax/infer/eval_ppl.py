@@ -258,8 +258,10 @@ def _main(argv=None) -> int:
                            f"{config.num_hidden_layers} (one per layer)")
         windows = tuple(sizes * config.num_hidden_layers if len(sizes) == 1 else sizes)
     ids = [tokenizer.encode(d, allow_special=False) for d in documents]
+    trained = trained_length(args.checkpoint, config)
     print(f"{len(ids)} document(s), {sum(map(len, ids)):,} tokens ({tokenizer.name}); trained "
-          f"length {config.seq_length}", file=sys.stderr)
+          f"length {trained} (seq_length {config.seq_length} is the long-context techniques' "
+          "base)", file=sys.stderr)
     results = []
     for label, row_config in technique_rows(config, args.dynamic_ntk, args.logn, windows):
         ppls = []
@@ -271,8 +273,7 @@ def _main(argv=None) -> int:
         results.append((label, ppls))
     print(markdown_table(lengths, results))
     if args.plot:
-        trained = (trained_length(args.checkpoint, config) if args.trained_length is None
-                   else args.trained_length)
+        trained = trained if args.trained_length is None else args.trained_length
         save_plot(args.plot, lengths, results, trained_length=trained or None,
                   title=checkpoint_name(args.checkpoint))
         print(f"plot saved to {args.plot}", file=sys.stderr)
