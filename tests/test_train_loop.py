@@ -14,6 +14,7 @@ import jax
 import numpy as np
 import pytest
 
+from qwen_jax.train import build as train_build
 from qwen_jax.train import loop as train_loop
 from qwen_jax.train.checkpoint import TrainCheckpointer
 
@@ -53,7 +54,7 @@ def losses(workdir):
 
 
 def final_state(workdir, cfg, step):
-    trainer = train_loop.build(cfg).trainer
+    trainer = train_build.build(cfg).trainer
     ckpt = TrainCheckpointer(pathlib.Path(workdir) / "checkpoints")
     state, data_state = ckpt.restore(step, trainer.abstract_state())
     ckpt.close()
@@ -241,7 +242,7 @@ def test_sft_from_imported_checkpoint(tmp_path, ref_vectors_dir):
     summary = run(cfg, tmp_path / "run")
     assert summary["final_step"] == 4
 
-    built = train_loop.build(cfg)
+    built = train_build.build(cfg)
     batch = next(built.train_data)
     assert 0 < batch["loss_mask"].sum() < batch["loss_mask"].size  # user turns masked
     model = Qwen(built.model_config)

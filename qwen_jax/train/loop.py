@@ -1,10 +1,11 @@
 """The training run behind `train.py`: resume from the latest complete checkpoint (or start
-fresh), train, evaluate, checkpoint, report; on one process or many.
+fresh), train, evaluate, checkpoint, report; on one process or many. What is trained (the
+state, data and step) is a `Task` (qwen_jax/train/task.py): next-token training by default,
+the reward model, DPO and PPO from qwen_jax.align.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import pathlib
 import shutil
@@ -12,79 +13,21 @@ import signal
 import time
 
 import jax
-import numpy as np
 
-from qwen_jax.data import pipeline as data_lib
 from qwen_jax.io.checkpoint import (BYTE_TOKENIZER, HF_SOURCE_FILE, RUN_CHECKPOINTS, TOKENIZER_FILE,
-                                   copy_side_files, load_params, side_files_dir)
+                                   copy_side_files, side_files_dir)
 from qwen_jax.model.config import QwenConfig
 from qwen_jax.parallel import sharding as shd
-from qwen_jax.train import flops
-from qwen_jax.train.build import Run, TrainError, build, shape_of
+from qwen_jax.train.build import TrainError, shape_of
 from qwen_jax.train.checkpoint import TrainCheckpointer
 from qwen_jax.train.metrics import MetricsWriter
 from qwen_jax.train.processes import agree, barrier
+from qwen_jax.train.task import LMTask, Task
+
+__all__ = ["Task", "TrainError", "train"]
 
 
-# ------------------------------------------------------------------------------- running
-def _global_batch(run: Run, batch: dict):
-    """Every process holds the whole global batch (see `data_iterator`); each device takes
-    its rows, so the arrays do not depend on how the devices split into processes."""
-    sharding = run.trainer.batch_sharding()
-    return {k: jax.make_array_from_callback(batch[k].shape, sharding,
-                                            lambda index, a=np.asarray(batch[k]): a[index])
-            for k in data_lib.BATCH_KEYS}
-
-
-@contextlib.contextmanager
-def _data_errors(what: str):
-    """A data problem (also one raised inside grain's readers, which wrap it) becomes one
-    TrainError naming the file, line and problem."""
-    try:
-        yield
-    except Exception as e:  # noqa: BLE001 (only data errors become messages)
-        cause = e
-        while cause is not None and not isinstance(cause, data_lib.DataError):
-            cause = cause.__cause__ or cause.__context__
-        if cause is None:
-            raise
-        raise TrainError(f"config.data ({what}): {cause}") from None
-
-
-def _next_batch(iterator, what: str) -> dict:
-    with _data_errors(what):
-        try:
-            return next(iterator)
-        except StopIteration:
-            raise TrainError(f"config.data: the {what} data ran out") from None
-
-
-def _initial_state(run: Run, rng):
-    if run.cfg.init_from:
-        params, _ = load_params(run.cfg.init_from, run.model_config,
-                                shardings=run.trainer.param_shardings())
-        dtype = np.dtype(run.model_config.param_dtype)  # e.g. float32 masters from bf16 weights
-        return run.trainer.state_from_params(jax.tree.map(lambda x: x.astype(dtype), params))
-    return run.trainer.init_state(rng)
-
-
-def _evaluate(run: Run, eval_step, params, initial_state) -> float | None:
-    run.eval_data.set_state(initial_state)  # the same validation batches every time
-    loss_sum = tokens = 0.0
-    for _ in range(run.cfg.eval_steps):
-        try:
-            batch = _next_batch(run.eval_data, "eval")
-        except TrainError:
-            if run.eval_data.get_state() == initial_state:
-                raise
-            break  # a finite validation split ends
-        out = jax.device_get(eval_step(params, _global_batch(run, batch)))
-        loss_sum += float(out["loss_sum"])
-        tokens += float(out["tokens"])
-    return loss_sum / tokens if tokens else None
-
-
-def _prepare_workdir(run: Run, workdir: pathlib.Path, config_json: str) -> None:
+def _prepare_workdir(run: Task, workdir: pathlib.Path, config_json: str) -> None:
     """Process 0 writes the run's files: configs, and the vocabulary and side files of
     `init_from`, so that the workdir loads like any checkpoint."""
     if jax.process_index() == 0:
@@ -126,14 +69,16 @@ class _Guard:
                          f"{self.mode!r}); last good checkpoint: {good}")
 
 
-def train(cfg, workdir, *, config_json: str, stop_at_step: int | None = None) -> dict:
+def train(cfg, workdir, *, config_json: str, stop_at_step: int | None = None,
+          task: Task | None = None) -> dict:
     """Run (or resume) training in `workdir`; returns the end-of-run summary. `stop_at_step`
-    ends this invocation early (with a checkpoint) without changing the schedule.
+    ends this invocation early (with a checkpoint) without changing the schedule. `task`
+    defaults to next-token training of `cfg` (LMTask).
 
     Every process runs this with the same arguments. Decisions about the file system are
     process 0's, shared with the others; every process takes part in Orbax's saves and
     restores; only process 0 writes metrics, configs and the summary."""
-    run = build(cfg)
+    run = task if task is not None else LMTask.from_config(cfg)
     workdir = pathlib.Path(workdir).absolute()
     ckpt_dir = workdir / RUN_CHECKPOINTS
     primary = jax.process_index() == 0
@@ -142,7 +87,6 @@ def train(cfg, workdir, *, config_json: str, stop_at_step: int | None = None) ->
         checkpointer = TrainCheckpointer(ckpt_dir, cfg.keep_checkpoints)
     start = agree(-1 if checkpointer is None or checkpointer.latest_step() is None
                    else checkpointer.latest_step())
-    trainer = run.trainer
     try:
         if start >= 0:
             record = checkpointer.stored_config(start)
@@ -151,13 +95,17 @@ def train(cfg, workdir, *, config_json: str, stop_at_step: int | None = None) ->
                 raise TrainError(f"{ckpt_dir}: checkpoint step {start} is for another model "
                                  f"config: {shape_of(stored_model)} vs "
                                  f"{shape_of(run.model_config)}")
-            state, data_state = checkpointer.restore(start, trainer.abstract_state())
-            with _data_errors("train"):
-                run.train_data.set_state(data_state)
+            stored_kind = record.get("kind", "lm")
+            if stored_kind != run.kind:
+                raise TrainError(f"{ckpt_dir}: checkpoint step {start} is a {stored_kind!r} "
+                                 f"run, this config trains {run.kind!r} (config.task); use "
+                                 "another --workdir")
+            state, data_state = checkpointer.restore(start, run.abstract_state())
+            run.set_data_state(data_state)
         else:
             start = 0
-            state = _initial_state(run, jax.random.PRNGKey(cfg.seed))
-        batch = _global_batch(run, _next_batch(run.train_data, "train"))
+            state = run.initial_state(jax.random.PRNGKey(cfg.seed))
+        batch = run.next_batch()
     except BaseException:
         if checkpointer is not None:
             checkpointer.close()
@@ -174,37 +122,28 @@ def train(cfg, workdir, *, config_json: str, stop_at_step: int | None = None) ->
         checkpointer.close()  # waits for a save in flight: the last good one stays complete
 
 
-def _run_steps(run: Run, state, batch, start: int, workdir: pathlib.Path, checkpointer,
+def _run_steps(run: Task, state, batch, start: int, workdir: pathlib.Path, checkpointer,
                config_json: str, stop_at_step: int | None) -> dict:
-    cfg, trainer = run.cfg, run.trainer
+    cfg = run.cfg
     primary = jax.process_index() == 0
     stored = {"config": json.loads(config_json),
               "model": run.model_config.to_hf(include_ours=True),
-              "tokenizer": _tokenizer_record(run.tokenizer)}
-    rng = jax.device_put(jax.random.PRNGKey(cfg.seed), shd.replicated(trainer.mesh))
-    eval_initial = run.eval_data.get_state() if run.eval_data is not None else None
+              "tokenizer": _tokenizer_record(run.tokenizer), "kind": run.kind}
+    rng = jax.device_put(jax.random.PRNGKey(cfg.seed), shd.replicated(run.mesh))
     guard = _Guard(cfg, workdir / RUN_CHECKPOINTS)
     guard.last_saved = start or None
 
     preempted = []
     previous = signal.signal(signal.SIGTERM, lambda *_: preempted.append(True))
     writer = MetricsWriter(workdir, cfg.num_train_steps, start, enabled=primary)
-    device_kind = jax.devices()[0].device_kind
-    tokens_per_step = cfg.global_batch_size * cfg.data.seq_len
-    flops_per_step = flops.train_flops_per_token(run.model_config, cfg.data.seq_len) \
-        * tokens_per_step
 
     t0 = time.perf_counter()
-    step_fn = trainer.jit_train_step().lower(state, batch, rng).compile()
-    eval_fn = trainer.jit_eval_step() if run.eval_data is not None else None
+    step_fn = run.compile(state, batch, rng)
     compile_seconds = time.perf_counter() - t0
-    writer.message(f"model {run.model_config.num_params() / 1e6:.1f}M params, mesh "
-                   f"{dict(trainer.mesh.shape)}, {jax.process_count()} process(es), "
-                   f"{tokens_per_step} tokens/step, tokenizer {run.tokenizer.name}; "
-                   f"compiled in {compile_seconds:.1f}s")
+    writer.message(f"{run.describe()}; compiled in {compile_seconds:.1f}s")
 
     def save(step):
-        checkpointer.save(step, state, run.train_data.get_state(), stored)
+        checkpointer.save(step, state, run.data_state(), stored)
         guard.last_saved = step
 
     step, last_saved, train_seconds, history = start, start, 0.0, []
@@ -223,24 +162,26 @@ def _run_steps(run: Run, state, batch, start: int, workdir: pathlib.Path, checkp
             if log:
                 elapsed = time.perf_counter() - interval_start
                 train_seconds += elapsed
-                record = _step_record(metrics, elapsed / interval_steps, tokens_per_step,
-                                      flops_per_step, device_kind)
-                history.append(record["loss"])
+                record = run.log_record(metrics, elapsed / interval_steps)
+                if int(metrics["nonfinite_steps"]):
+                    record["nonfinite_steps"] = int(metrics["nonfinite_steps"])
+                history.append(record.get("loss"))
                 writer.write(step, record)
                 interval_start, interval_steps = time.perf_counter(), 0
             if log or checkpoint:
                 guard.check(metrics)  # before any save: a diverged state is never saved
             writer.advance()
-            if eval_fn is not None and step % cfg.eval_every_steps == 0:
-                eval_loss = _evaluate(run, eval_fn, state.params, eval_initial)
-                writer.write(step, {"eval_loss": eval_loss})
+            if cfg.eval_every_steps > 0 and step % cfg.eval_every_steps == 0:
+                evaluation = run.evaluate(state)
+                if evaluation is not None:
+                    writer.write(step, evaluation)
                 interval_start = time.perf_counter()
             if checkpoint:
                 save(step)
                 last_saved = step
                 interval_start = time.perf_counter()
             if step < last_step:
-                batch = _global_batch(run, _next_batch(run.train_data, "train"))
+                batch = run.next_batch()
         if preempted and last_saved != step:
             guard.check(jax.device_get(metrics))
             save(step)
@@ -258,19 +199,3 @@ def _run_steps(run: Run, state, batch, start: int, workdir: pathlib.Path, checkp
         print("summary: " + json.dumps(summary, allow_nan=False), flush=True)
         (workdir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
-
-
-def _step_record(metrics, step_seconds, tokens_per_step, flops_per_step, device_kind) -> dict:
-    per_device = flops_per_step / step_seconds / jax.device_count()
-    record = {"loss": float(metrics["loss"]), "grad_norm": float(metrics["grad_norm"]),
-              "learning_rate": float(metrics["learning_rate"]),
-              "step_seconds": step_seconds, "tokens_per_second": tokens_per_step / step_seconds,
-              "tflops_per_device": per_device / 1e12}
-    if int(metrics["nonfinite_steps"]):
-        record["nonfinite_steps"] = int(metrics["nonfinite_steps"])
-    utilisation = flops.mfu(per_device, device_kind)
-    if utilisation is not None:
-        record["mfu"] = utilisation
-    return record
-
-
