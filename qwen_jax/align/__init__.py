@@ -1,0 +1,1 @@
+"""Alignment: reward models, PPO and DPO (report §3.2)."""
