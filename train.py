@@ -63,13 +63,18 @@ def main(argv):
     try:
         processes.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value,
                                           _PROCESS_ID.value)
+        task = None
+        if config.get("task", "lm") != "lm":
+            from qwen_jax.align.tasks import make_task
+            task = make_task(config)
         summary = train_loop.train(config, _WORKDIR.value,
                                    config_json=config.to_json_best_effort(),
-                                   stop_at_step=_STOP_AT_STEP.value)
+                                   stop_at_step=_STOP_AT_STEP.value, task=task)
     except train_loop.TrainError as e:
         print("error: " + " ".join(str(e).split()), file=sys.stderr)
         sys.exit(1)
-    if processes.is_primary() and not summary["preempted"]:
+    if processes.is_primary() and not summary["preempted"] and (
+            task is None or task.kind != "reward"):  # a reward model has no lm_head
         print(f"sample from it: python -m qwen_jax.generate --checkpoint {_WORKDIR.value} "
               "--prompt 'def ' --max-new-tokens 200", flush=True)
 

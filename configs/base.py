@@ -58,6 +58,42 @@ def base_config() -> ml_collections.ConfigDict:
         "label_smoothing": 0.0,
     })
 
+    # What is trained: "lm" (next-token: pretraining, SFT), "reward" (a reward model on
+    # preference pairs), "dpo", "ppo" (qwen_jax/align; the keys below).
+    c.task = "lm"
+    c.align = ml_collections.ConfigDict({
+        "toy_size": 4096,  # pairs / prompts of the generated `toy:digits` source
+        "frozen_dtype": "bfloat16",  # the frozen models (reference, reward) of DPO and PPO
+        "dpo_beta": 0.1,
+        # PPO (report §3.2.2): the reward model run (task=reward) that scores responses and
+        # initialises the value model; rollouts: samples_per_prompt responses per prompt,
+        # global_batch_size responses per step, max_new_tokens each (data.seq_len holds
+        # prompt + response).
+        "reward_model": "",
+        "samples_per_prompt": 2,
+        "max_new_tokens": 512,
+        "temperature": 1.0,
+        "top_p": 0.9,
+        "top_k": 0,
+        "kl_coef": 0.04,  # per-token reward -kl_coef * KL(policy || reference)
+        "kl_kind": "kl",  # kl | abs | mse | low_var_kl
+        "reward_norm": "mean",  # running normalisation of scores: none | mean | mean_std
+        "gamma": 1.0,
+        "lam": 0.95,
+        "whiten_advantages": True,
+        "clip_eps": 0.2,
+        "value_clip": 0.15,
+        "value_learning_rate": 5e-6,  # the policy's is optimizer.peak_learning_rate
+        "value_warmup_steps": 50,  # steps that update the value model only
+        "ppo_epochs": 1,
+        "ppo_minibatches": 1,
+        # PPO-ptx: + ptx_coef x next-token loss on batches of ptx_source (a pretraining
+        # source as data.source takes), ptx_batch_size sequences of data.seq_len.
+        "ptx_coef": 0.0,
+        "ptx_source": "",
+        "ptx_batch_size": 0,
+    })
+
     c.seed = 0
     c.num_train_steps = 500_000
     c.log_every_steps = 10

@@ -228,6 +228,10 @@ def load_params(directory, config: QwenConfig | None = None, shardings=None, as_
             f"{_shape_fields(stored)} vs requested {_shape_fields(config)}")
     config = config or stored
     located = locate(directory)
+    kind = run_kind(directory)
+    if kind != "lm":
+        raise CheckpointError(f"{directory}: a {kind!r} run (its parameters are not a language "
+                              "model's: no lm_head); a reward run is the reward_model of PPO")
     params_dir = (located.step_dir / STEP_STATE if located.step_dir is not None
                   else directory / PARAMS_DIR)
     if not params_dir.is_dir():
@@ -246,6 +250,30 @@ def load_params(directory, config: QwenConfig | None = None, shardings=None, as_
     except (ValueError, FileNotFoundError, KeyError) as e:
         raise CheckpointError(f"{params_dir}: cannot restore parameters: {e}") from None
     return params, config
+
+
+def run_kind(directory) -> str:
+    """What a checkpoint's parameters are: "lm" (a language model: every parameter
+    checkpoint and next-token run), or the kind of run recorded with its step ("reward",
+    "dpo", "ppo"; DPO and PPO runs hold a language model, the policy)."""
+    located = locate(directory)
+    if located.step_dir is None:
+        return "lm"
+    kind = step_record(located.step_dir).get("kind", "lm")
+    return "lm" if kind in ("dpo", "ppo") else kind
+
+
+def load_run_params(directory, abstract, as_numpy: bool = False):
+    """The `params` of a training run's step (WORKDIR or WORKDIR/checkpoints/<step>) restored
+    onto `abstract` (shape/dtype structs, with shardings), whatever model they belong to."""
+    located = locate(directory)
+    if located.step_dir is None:
+        raise CheckpointError(f"{directory}: not a training run (no {RUN_CHECKPOINTS}/)")
+    try:
+        return _restore_train_params(located.step_dir / STEP_STATE, abstract, as_numpy)
+    except (ValueError, FileNotFoundError, KeyError) as e:
+        raise CheckpointError(f"{located.step_dir / STEP_STATE}: cannot restore parameters: "
+                              f"{e}") from None
 
 
 def _restore_train_params(state_dir: pathlib.Path, abstract, as_numpy: bool):

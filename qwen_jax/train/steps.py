@@ -84,22 +84,10 @@ class Trainer:
         return param_shardings(self.model_config, self.mesh)
 
     def state_shardings(self) -> TrainState:
-        params = self.param_shardings()
-        abstract_params = jax.eval_shape(lambda: init_params(self.model_config,
-                                                             jax.random.PRNGKey(0)))
-        abstract_opt = jax.eval_shape(self.optimizer.init, abstract_params)
+        abstract = jax.eval_shape(lambda: init_params(self.model_config, jax.random.PRNGKey(0)))
+        params, opt = state_shardings_for(abstract, self.param_shardings(), self.optimizer,
+                                          self.mesh)
         replicated = NamedSharding(self.mesh, PartitionSpec())
-        flat_params = dict(zip(_paths(abstract_params), jax.tree_util.tree_leaves(params)))
-
-        # Optimizer moments are laid out like the parameters they track.
-        def like_param(path, leaf):
-            for key in _path_suffixes(path):
-                if key in flat_params and flat_params[key] is not None:
-                    return flat_params[key]
-            return replicated
-
-        opt = jax.tree_util.tree_map_with_path(
-            lambda path, leaf: like_param(path, leaf) if leaf.ndim else replicated, abstract_opt)
         return TrainState(step=replicated, params=params, opt_state=opt,
                           nonfinite_steps=replicated, last_nonfinite_step=replicated)
 
@@ -190,22 +178,9 @@ class Trainer:
             (micro, jnp.arange(self.microbatches)))
         count = jnp.maximum(count, 1.0)
         grads = jax.tree_util.tree_map(lambda g: g / count, grads)
-        updates, opt_state = self.optimizer.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
-        loss, grad_norm = loss_sum / count, optax.tree.norm(grads)
-        finite = (jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-                  & jnp.isfinite(optax.tree.norm(updates)))
-        halted = (self.nonfinite == "stop") & (state.nonfinite_steps > 0)
-        apply = finite & ~halted
-        bad = ~finite & ~halted
-        keep = lambda new, old: jax.tree_util.tree_map(  # noqa: E731
-            lambda n, o: jnp.where(apply, n, o), new, old)
-        step = state.step + 1
-        new_state = TrainState(
-            step=step, params=keep(params, state.params),
-            opt_state=keep(opt_state, state.opt_state),
-            nonfinite_steps=state.nonfinite_steps + bad.astype(jnp.int32),
-            last_nonfinite_step=jnp.where(bad, step, state.last_nonfinite_step))
+        loss = loss_sum / count
+        new_state, grad_norm = guarded_update(state, grads, loss, self.optimizer,
+                                              self.nonfinite)
         metrics = {"loss": loss, "grad_norm": grad_norm,
                    "learning_rate": learning_rate_schedule(self.optimizer_config)(state.step),
                    "tokens": count, "nonfinite_steps": new_state.nonfinite_steps,
@@ -222,17 +197,58 @@ class Trainer:
         replicated = NamedSharding(self.mesh, PartitionSpec())
         fn = jax.jit(self._train_step, in_shardings=(state, self.batch_sharding(), replicated),
                      out_shardings=(state, replicated), donate_argnums=(0,))
-        return _under_mesh(fn, self.mesh)
+        return under_mesh(fn, self.mesh)
 
     def jit_eval_step(self) -> Callable:
         replicated = NamedSharding(self.mesh, PartitionSpec())
         fn = jax.jit(self._eval_step, in_shardings=(self.param_shardings(),
                                                     self.batch_sharding()),
                      out_shardings=replicated)
-        return _under_mesh(fn, self.mesh)
+        return under_mesh(fn, self.mesh)
 
 
-def _under_mesh(fn, mesh):
+def state_shardings_for(abstract_params, param_shardings, optimizer, mesh):
+    """(parameter shardings, optimizer-state shardings): optimizer moments are laid out like
+    the parameters they track, scalars replicated."""
+    abstract_opt = jax.eval_shape(optimizer.init, abstract_params)
+    replicated = NamedSharding(mesh, PartitionSpec())
+    flat_params = dict(zip(_paths(abstract_params), jax.tree_util.tree_leaves(param_shardings)))
+
+    def like_param(path, leaf):
+        if not leaf.ndim:
+            return replicated
+        for key in _path_suffixes(path):
+            if key in flat_params and flat_params[key] is not None:
+                return flat_params[key]
+        return replicated
+
+    return param_shardings, jax.tree_util.tree_map_with_path(like_param, abstract_opt)
+
+
+def guarded_update(state, grads, loss, optimizer, nonfinite: str, *, allowed=True):
+    """`state` (with step, params, opt_state and the non-finite counters) after one optimizer
+    update from `grads`, unless the loss, gradient or update is not finite (then unchanged
+    but counted; see the module doc) or `allowed` is False (unchanged, not counted).
+    Returns (state, gradient norm)."""
+    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    grad_norm = optax.tree.norm(grads)
+    finite = (jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+              & jnp.isfinite(optax.tree.norm(updates)))
+    halted = (nonfinite == "stop") & (state.nonfinite_steps > 0)
+    apply = finite & ~halted & allowed
+    bad = ~finite & ~halted
+    keep = lambda new, old: jax.tree_util.tree_map(  # noqa: E731
+        lambda n, o: jnp.where(apply, n, o), new, old)
+    step = state.step + 1
+    return state.replace(
+        step=step, params=keep(params, state.params),
+        opt_state=keep(opt_state, state.opt_state),
+        nonfinite_steps=state.nonfinite_steps + bad.astype(jnp.int32),
+        last_nonfinite_step=jnp.where(bad, step, state.last_nonfinite_step)), grad_norm
+
+
+def under_mesh(fn, mesh):
     def wrapped(*args):
         with shd.activation_sharding(mesh):
             return fn(*args)

@@ -1,0 +1,116 @@
+"""Direct preference optimisation: the policy (from init_from, or random) against a frozen
+copy of itself, on preference pairs, with the loss
+-log sigmoid(beta ((log p(c) - log p_ref(c)) - (log p(r) - log p_ref(r)))), sequence
+log-probabilities summed over the response tokens (beta = config.align.dpo_beta, 0.1). The
+reference's log-probabilities are computed in the same compiled step, without gradient,
+from its frozen parameters (config.align.frozen_dtype: float32 or bfloat16).
+
+Metrics: loss, reward_margin (mean beta-scaled implicit reward of chosen minus rejected),
+accuracy, chosen_reward, rejected_reward; eval_loss and eval_accuracy (how often the
+implicit reward prefers the chosen response) on held-out pairs.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from qwen_jax.align import losses, models
+from qwen_jax.align.common import PairTask, cast_frozen
+from qwen_jax.parallel import sharding as shd
+from qwen_jax.train.optim import learning_rate_schedule
+from qwen_jax.train.steps import guarded_update, under_mesh
+
+
+def pair_logprobs(params, config, batch, *, train=False, rng=None, chunk_tokens=4096):
+    """(chosen, rejected) summed response log-probabilities [B], one forward over both."""
+    tokens = jnp.concatenate([batch["chosen_tokens"], batch["rejected_tokens"]])
+    segments = jnp.concatenate([batch["chosen_segments"], batch["rejected_segments"]])
+    response = jnp.concatenate([batch["chosen_response"], batch["rejected_response"]])
+    logp = models.sequence_logprobs(params, config, tokens, segments, response, train=train,
+                                    rng=rng, chunk_tokens=chunk_tokens)
+    b = batch["chosen_tokens"].shape[0]
+    return logp[:b], logp[b:]
+
+
+class DPOTask(PairTask):
+    kind = "dpo"
+
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        self.optimizer = self.trainer.optimizer
+        self.tokens_per_step = 2 * cfg.global_batch_size * cfg.data.seq_len
+        self.reference = None
+        self._eval_fn = None
+
+    def initial_state(self, rng):
+        params = self.initial_lm_params(rng)
+        self.reference = cast_frozen(params, self.cfg.align.frozen_dtype)
+        return self.trainer.state_from_params(params)
+
+    def abstract_state(self):
+        return self.trainer.abstract_state()
+
+    def ensure_reference(self, rng):
+        """On resume the reference is rebuilt from init_from (or the seed), not stored."""
+        if self.reference is None:
+            self.reference = cast_frozen(self.initial_lm_params(rng),
+                                         self.cfg.align.frozen_dtype)
+
+    def _stats(self, params, ref, batch, train, rng):
+        cfg = self.model_config
+        chunk = self.cfg.loss.chunk_tokens
+        pc, pr = pair_logprobs(params, cfg, batch, train=train, rng=rng, chunk_tokens=chunk)
+        rc, rr = pair_logprobs(ref, cfg, batch, chunk_tokens=chunk)
+        rc, rr = jax.lax.stop_gradient(rc), jax.lax.stop_gradient(rr)
+        per, chosen, rejected = losses.dpo_loss(pc, pr, rc, rr, self.cfg.align.dpo_beta)
+        return per, chosen, rejected
+
+    def train_step(self, state, batch, rng, ref):
+        rng = jax.random.fold_in(rng, state.step)
+        w = batch["valid"]
+        n = jnp.maximum(jnp.sum(w), 1.0)
+
+        def loss_fn(params):
+            per, chosen, rejected = self._stats(params, ref, batch, True, rng)
+            return jnp.sum(per * w) / n, (chosen, rejected)
+
+        (loss, (chosen, rejected)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+            state.params)
+        new_state, grad_norm = guarded_update(state, grads, loss, self.optimizer,
+                                              self.cfg.nonfinite)
+        mean = lambda x: jnp.sum(x * w) / n  # noqa: E731
+        return new_state, {
+            "loss": loss, "reward_margin": mean(chosen - rejected),
+            "accuracy": mean((chosen > rejected).astype(jnp.float32)),
+            "chosen_reward": mean(chosen), "rejected_reward": mean(rejected),
+            "grad_norm": grad_norm,
+            "learning_rate": learning_rate_schedule(self.trainer.optimizer_config)(state.step),
+            "nonfinite_steps": new_state.nonfinite_steps,
+            "last_nonfinite_step": new_state.last_nonfinite_step}
+
+    def eval_step(self, state, batch, ref):
+        per, chosen, rejected = self._stats(state.params, ref, batch, False, None)
+        return {"loss": per, "accuracy": (chosen > rejected).astype(jnp.float32)}
+
+    def compile(self, state, batch, rng):
+        self.ensure_reference(jax.random.PRNGKey(self.cfg.seed))
+        shardings = self.trainer.state_shardings()
+        rep = shd.replicated(self.mesh)
+        fn = under_mesh(jax.jit(self.train_step, in_shardings=(shardings, None, rep, None),
+                                out_shardings=(shardings, rep), donate_argnums=(0,)),
+                        self.mesh)
+        compiled = fn.lower(state, batch, rng, self.reference).compile()
+        return lambda state, batch, rng: compiled(state, batch, rng, self.reference)
+
+    def evaluate(self, state):
+        if self._eval_fn is None:
+            fn = under_mesh(jax.jit(self.eval_step), self.mesh)
+            self._eval_fn = lambda state, batch: fn(state, batch, self.reference)
+        return self.evaluate_pairs(self._eval_fn, state)
+
+    def log_record(self, metrics, step_seconds: float) -> dict:
+        keys = ("loss", "reward_margin", "accuracy", "chosen_reward", "rejected_reward",
+                "grad_norm", "learning_rate")
+        return {**{k: float(metrics[k]) for k in keys}, "step_seconds": step_seconds,
+                "tokens_per_second": self.tokens_per_step / step_seconds}
