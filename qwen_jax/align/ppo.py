@@ -1,0 +1,416 @@
+"""PPO as the report runs it (§3.2.2): four models on one mesh: the policy (init_from, an SFT
+model), a frozen reference (its copy), the value model (initialised from the reward model)
+and the frozen reward model (`config.align.reward_model`, a task=reward run). Frozen models
+hold no optimizer state and may be bfloat16 (`align.frozen_dtype`).
+
+One step:
+  1. rollouts: `samples_per_prompt` responses per prompt from the policy with the KV-cache
+     sampler (top-p 0.9), `global_batch_size` sequences of prompt (left padded to
+     seq_len - max_new_tokens) + response (right padded);
+  2. experience (no gradient): the policy's and reference's token log-probabilities, the
+     values, the reward model's score at the response's end token (an `<|endoftext|>` is
+     appended to a response cut by max_new_tokens); per-token reward -kl_coef * KL plus the
+     score, normalised by running statistics kept across steps, at the last response token;
+     GAE (gamma, lam); advantages whitened over the batch;
+  3. `ppo_epochs` x `ppo_minibatches` updates: the clipped policy objective (+ ptx_coef x the
+     next-token loss on a pretraining batch: PPO-ptx) with the policy's AdamW, and the clipped
+     value loss with the value model's; the first `value_warmup_steps` steps update the value
+     model only.
+Everything but the rollout is one compiled function. The state (both trained models, both
+optimizers, the running reward statistics) is checkpointed; the sampling seed is derived
+from the seed and the step, so a resumed run repeats an uninterrupted one exactly.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from qwen_jax.align import data as align_data
+from qwen_jax.align import losses, models
+from qwen_jax.align.common import cast_frozen, check_align_config, load_reward_model
+from qwen_jax.data import pipeline as data_lib
+from qwen_jax.data.pipeline import DataError
+from qwen_jax.infer.generate import GenerationConfig, generate
+from qwen_jax.model.layers import jnp_dtype, precision
+from qwen_jax.model.loss import fused_cross_entropy
+from qwen_jax.model.transformer import Qwen, init_params
+from qwen_jax.parallel import sharding as shd
+from qwen_jax.train.build import TrainError, build_trainer, tokenizer_for
+from qwen_jax.train.optim import OptimizerConfig, make_optimizer
+from qwen_jax.train.steps import state_shardings_for, under_mesh
+from qwen_jax.train.task import Task, global_arrays, initial_params, next_batch
+
+ROLLOUT_KEYS = ("tokens", "segments", "response", "reward_tokens", "reward_segments")
+
+
+@flax.struct.dataclass
+class PPOState:
+    step: jax.Array
+    params: Any  # the policy (what a checkpoint of the run exports)
+    opt_state: Any
+    value_params: Any
+    value_opt_state: Any
+    moments: Any  # running reward statistics {count, mean, var}
+    nonfinite_steps: jax.Array
+    last_nonfinite_step: jax.Array
+
+
+class PPOTask(Task):
+    kind = "ppo"
+
+    def __init__(self, cfg, *, load: bool = True):
+        """load=False: no data and no reward model (what compile-only needs)."""
+        check_align_config(cfg)
+        a, d = cfg.align, cfg.data
+        self.cfg = cfg
+        self.trainer = build_trainer(cfg)
+        self.model_config, self.mesh = self.trainer.model_config, self.trainer.mesh
+        gbs, k = cfg.global_batch_size, a.samples_per_prompt
+        if k < 1 or gbs % k:
+            raise TrainError(f"config.global_batch_size={gbs} must be a multiple of "
+                             f"config.align.samples_per_prompt={k}")
+        if not 0 < a.max_new_tokens < d.seq_len - 1:
+            raise TrainError(f"config.align.max_new_tokens={a.max_new_tokens}: expected 1 to "
+                             f"data.seq_len - 2 = {d.seq_len - 2} (seq_len holds prompt and "
+                             "response)")
+        parallel = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
+        mb = a.ppo_minibatches
+        if a.ppo_epochs < 1 or mb < 1 or gbs % mb or (gbs // mb) % parallel:
+            raise TrainError(f"config.align: ppo_epochs >= 1 and global_batch_size={gbs} split "
+                             f"into ppo_minibatches={mb}, each divisible by the data-parallel "
+                             f"size {parallel}, expected")
+        if a.ptx_coef > 0 and (not a.ptx_source or a.ptx_batch_size < 1 or
+                               a.ptx_batch_size % parallel):
+            raise TrainError("config.align.ptx_coef > 0 needs ptx_source and a ptx_batch_size "
+                             f"divisible by the data-parallel size {parallel}")
+        self.prompt_len = d.seq_len - a.max_new_tokens
+        opt = dict(cfg.optimizer)
+        opt["peak_learning_rate"] = a.value_learning_rate
+        self.value_optimizer_config = OptimizerConfig(total_steps=cfg.num_train_steps, **opt)
+        self.optimizer = self.trainer.optimizer
+        self.value_optimizer = make_optimizer(self.value_optimizer_config)
+        self.sharding = shd.batch_sharding(self.mesh, 2)
+        self.reference = self.reward = self.reward_config = None
+        self.tokens_per_step = gbs * d.seq_len
+        self.tokenizer = tokenizer_for(cfg, self.model_config)
+        if not load:
+            return
+        try:
+            prompts = align_data.load_prompts(d.source, self.tokenizer, self.prompt_len + 1,
+                                              cfg.seed, a.toy_size)
+        except DataError as e:
+            raise TrainError(f"config.data: {e} (data.seq_len - align.max_new_tokens = "
+                             f"{self.prompt_len} prompt tokens at most)") from None
+        self.prompts = align_data.PromptIterator(prompts, gbs // k, cfg.seed)
+        self.ptx = None
+        if a.ptx_coef > 0:
+            config = data_lib.DataConfig(
+                source=a.ptx_source if a.ptx_source == "stdlib" else a.ptx_source.split(","),
+                kind="pretrain", seq_len=d.seq_len, batch_size=a.ptx_batch_size,
+                seed=cfg.seed, text_field=d.text_field, num_workers=d.num_workers,
+                num_epochs=None, shard_index=0, shard_count=1)
+            try:
+                self.ptx = data_lib.make_iterator(config, self.tokenizer, split="train")
+            except DataError as e:
+                raise TrainError(f"config.align.ptx_source: {e}") from None
+        reward, self.reward_config = load_reward_model(a.reward_model, self.model_config,
+                                                       self.mesh)
+        self.reward = cast_frozen(reward, a.frozen_dtype)
+        self._reward_init = reward  # the value model's start (a fresh run only)
+
+    # ------------------------------------------------------------------ state
+    def state_shardings(self) -> PPOState:
+        policy = self.trainer.state_shardings()
+        config = self.model_config
+        v_params, v_opt = state_shardings_for(models.abstract_scalar_params(config),
+                                              models.scalar_shardings(config, self.mesh),
+                                              self.value_optimizer, self.mesh)
+        rep = shd.replicated(self.mesh)
+        return PPOState(step=rep, params=policy.params, opt_state=policy.opt_state,
+                        value_params=v_params, value_opt_state=v_opt,
+                        moments={k: rep for k in losses.moments_init()},
+                        nonfinite_steps=rep, last_nonfinite_step=rep)
+
+    def _fresh(self, policy, value) -> PPOState:
+        zero = jnp.zeros((), jnp.int32)
+        return PPOState(step=zero, params=policy, opt_state=self.optimizer.init(policy),
+                        value_params=value, value_opt_state=self.value_optimizer.init(value),
+                        moments=losses.moments_init(), nonfinite_steps=zero,
+                        last_nonfinite_step=zero)
+
+    def _policy_params(self, rng):
+        if self.cfg.init_from:
+            return initial_params(self.cfg, self.model_config, self.trainer.param_shardings())
+        return init_params(self.model_config, rng)
+
+    def initial_state(self, rng):
+        policy = self._policy_params(rng)
+        self.reference = cast_frozen(policy, self.cfg.align.frozen_dtype)
+        dtype = jnp.dtype(self.model_config.param_dtype)
+
+        def make(policy, value):
+            return self._fresh(policy, jax.tree.map(lambda x: x.astype(dtype), value))
+
+        with shd.activation_sharding(self.mesh):
+            return jax.jit(make, out_shardings=self.state_shardings())(policy,
+                                                                       self._reward_init)
+
+    def abstract_state(self) -> PPOState:
+        config = self.model_config
+        shapes = jax.eval_shape(lambda: self._fresh(
+            init_params(config, jax.random.PRNGKey(0)),
+            models.init_scalar_params(config, jax.random.PRNGKey(0))))
+        return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+                            shapes, self.state_shardings())
+
+    # ------------------------------------------------------------------ data
+    def next_batch(self):
+        batch = {"prompts": next(self.prompts)}
+        if self.ptx is not None:
+            ptx = next_batch(self.ptx, "ptx")
+            batch["ptx"] = global_arrays(ptx, self.sharding, data_lib.BATCH_KEYS)
+        return batch
+
+    def data_state(self) -> dict:
+        state = {"prompts": self.prompts.get_state()}
+        if self.ptx is not None:
+            state["ptx"] = self.ptx.get_state()
+        return state
+
+    def set_data_state(self, state: dict) -> None:
+        self.prompts.set_state(state["prompts"])
+        if self.ptx is not None:
+            self.ptx.set_state(state["ptx"])
+
+    # ------------------------------------------------------------------ rollouts
+    def generation_config(self) -> GenerationConfig:
+        a, tok = self.cfg.align, self.tokenizer
+        return GenerationConfig(
+            max_new_tokens=a.max_new_tokens, do_sample=True, temperature=a.temperature,
+            top_k=a.top_k, top_p=a.top_p,
+            stop_sequences=((tok.eod_id,), (tok.im_end_id,)), pad_token_id=tok.eod_id,
+            vocab_limit=tok.vocab_size)
+
+    def rollout(self, params, prompts: list[list[int]], step: int) -> dict:
+        """Sample; lay out prompt (left padded) + response (right padded) as host arrays."""
+        a = self.cfg.align
+        prompts = [p for p in prompts for _ in range(a.samples_per_prompt)]
+        seed = int(np.random.SeedSequence([self.cfg.seed, step]).generate_state(1)[0] >> 1)
+        with shd.activation_sharding(self.mesh):
+            out = generate(params, self.model_config, prompts, self.generation_config(),
+                           seed=seed, max_length=self.cfg.data.seq_len,
+                           pad_to_multiple=self.prompt_len)
+        return layout(prompts, out.tokens, out.num_tokens, out.stop_len, self.prompt_len,
+                      self.cfg.data.seq_len, self.tokenizer.eod_id)
+
+    # ------------------------------------------------------------------ the update
+    def update(self, state: PPOState, reference, reward, roll, ptx, rng):
+        """Experience and the PPO updates from one batch of rollouts (module doc, 2-3)."""
+        a, cfg = self.cfg.align, self.model_config
+        chunk = self.cfg.loss.chunk_tokens
+        rng = jax.random.fold_in(rng, state.step)
+        tokens, segments = roll["tokens"], roll["segments"]
+        m = roll["response"][:, 1:].astype(jnp.float32)
+        old_logp, entropy = models.token_logprobs(state.params, cfg, tokens, segments,
+                                                  chunk_tokens=chunk, with_entropy=True)
+        ref_logp = models.token_logprobs(reference, cfg, tokens, segments, chunk_tokens=chunk)
+        old_values = models.values(state.value_params, cfg, tokens, segments)[:, :-1]
+        score = models.rewards(reward, cfg, roll["reward_tokens"], roll["reward_segments"])
+        moments = losses.moments_update(state.moments, score)
+        norm = score if a.reward_norm == "none" else losses.normalize_rewards(
+            score, moments, a.reward_norm == "mean_std")
+        kl = losses.kl_penalty(old_logp, ref_logp, a.kl_kind) * m
+        last = models.last_index(m)
+        rewards = -a.kl_coef * kl
+        rewards = rewards.at[jnp.arange(m.shape[0]), last].add(norm)
+        adv, returns = losses.gae(rewards, old_values, m, a.gamma, a.lam)
+        if a.whiten_advantages:
+            adv = losses.masked_whiten(adv, m)
+        exp = {"tokens": tokens, "segments": segments, "m": m, "old_logp": old_logp,
+               "old_values": old_values, "adv": adv, "returns": returns}
+
+        policy_on = state.step >= a.value_warmup_steps
+        halted = (self.cfg.nonfinite == "stop") & (state.nonfinite_steps > 0)
+        b, mb = tokens.shape[0], a.ppo_minibatches
+        totals = {k: jnp.zeros(()) for k in ("policy_loss", "value_loss", "clip_fraction",
+                                             "value_clip_fraction", "approx_kl", "ptx_loss",
+                                             "grad_norm", "value_grad_norm")}
+        bad = jnp.zeros((), bool)
+        s = state
+        for epoch in range(a.ppo_epochs):
+            order = (jnp.arange(b) if mb == 1 else
+                     jax.random.permutation(jax.random.fold_in(rng, 1000 + epoch), b))
+            for i in range(mb):
+                rows = order[i * (b // mb):(i + 1) * (b // mb)]
+                sub = exp if mb == 1 else jax.tree.map(lambda x: x[rows], exp)
+                key = jax.random.fold_in(rng, epoch * mb + i)
+                s, stats, ok = self._minibatch(s, sub, ptx, key, policy_on & ~halted, ~halted)
+                bad = bad | ~ok
+                totals = {k: totals[k] + stats[k] for k in totals}
+        n = a.ppo_epochs * mb
+        count = jnp.maximum(jnp.sum(m, axis=1), 1.0)
+        bad = bad & ~halted
+        step = state.step + 1
+        new = s.replace(step=step, moments=jax.tree.map(
+            lambda new, old: jnp.where(halted, old, new), moments, state.moments),
+            nonfinite_steps=state.nonfinite_steps + bad.astype(jnp.int32),
+            last_nonfinite_step=jnp.where(bad, step, state.last_nonfinite_step))
+        metrics = {k: v / n for k, v in totals.items()}
+        metrics.update(
+            loss=metrics["policy_loss"] + metrics["value_loss"],
+            reward_mean=jnp.mean(score), reward_std=jnp.std(score),
+            kl=jnp.mean(jnp.sum(kl, axis=1)), entropy=losses.masked_mean(entropy, m),
+            response_length=jnp.mean(jnp.sum(m, axis=1)),
+            mean_token_kl=jnp.mean(jnp.sum(kl, axis=1) / count),
+            policy_updated=policy_on.astype(jnp.float32),
+            nonfinite_steps=new.nonfinite_steps, last_nonfinite_step=new.last_nonfinite_step)
+        return new, metrics
+
+    def _minibatch(self, s: PPOState, sub, ptx, key, policy_on, value_on):
+        a, cfg = self.cfg.align, self.model_config
+        chunk = self.cfg.loss.chunk_tokens
+        k_policy, k_value = jax.random.split(key)
+
+        def policy_objective(params):
+            logp = models.token_logprobs(params, cfg, sub["tokens"], sub["segments"],
+                                         train=True, rng=k_policy, chunk_tokens=chunk)
+            loss, clip, approx_kl = losses.policy_loss(logp, sub["old_logp"], sub["adv"],
+                                                       sub["m"], a.clip_eps)
+            ptx_loss = jnp.zeros(())
+            if ptx is not None:
+                ptx_loss = self._ptx_loss(params, ptx, k_policy)
+                loss = loss + a.ptx_coef * ptx_loss
+            return loss, (clip, approx_kl, ptx_loss)
+
+        def value_objective(params):
+            v = models.values(params, cfg, sub["tokens"], sub["segments"], train=True,
+                              rng=k_value)[:, :-1]
+            return losses.value_loss(v, sub["old_values"], sub["returns"], sub["m"],
+                                     a.value_clip)
+
+        (p_loss, (clip, approx_kl, ptx_loss)), p_grads = jax.value_and_grad(
+            policy_objective, has_aux=True)(s.params)
+        (v_loss, v_clip), v_grads = jax.value_and_grad(value_objective, has_aux=True)(
+            s.value_params)
+        p_upd, p_opt = self.optimizer.update(p_grads, s.opt_state, s.params)
+        v_upd, v_opt = self.value_optimizer.update(v_grads, s.value_opt_state, s.value_params)
+        p_norm, v_norm = optax.tree.norm(p_grads), optax.tree.norm(v_grads)
+        ok = jnp.all(jnp.isfinite(jnp.stack([p_loss, v_loss, p_norm, v_norm,
+                                             optax.tree.norm(p_upd), optax.tree.norm(v_upd)])))
+
+        def keep(apply, new, old):
+            return jax.tree.map(lambda n, o: jnp.where(apply, n, o), new, old)
+
+        p_on, v_on = policy_on & ok, value_on & ok
+        s = s.replace(params=keep(p_on, optax.apply_updates(s.params, p_upd), s.params),
+                      opt_state=keep(p_on, p_opt, s.opt_state),
+                      value_params=keep(v_on, optax.apply_updates(s.value_params, v_upd),
+                                        s.value_params),
+                      value_opt_state=keep(v_on, v_opt, s.value_opt_state))
+        stats = {"policy_loss": p_loss, "value_loss": v_loss, "clip_fraction": clip,
+                 "value_clip_fraction": v_clip, "approx_kl": approx_kl, "ptx_loss": ptx_loss,
+                 "grad_norm": p_norm, "value_grad_norm": v_norm}
+        return s, stats, ok
+
+    def _ptx_loss(self, params, batch, rng):
+        cfg = self.model_config
+
+        def head(hidden, _to_logits):
+            return fused_cross_entropy(hidden, params["lm_head"]["kernel"], batch["targets"],
+                                       dtype=jnp_dtype(cfg.dtype),
+                                       chunk_tokens=self.cfg.loss.chunk_tokens,
+                                       precision=precision(cfg))
+
+        out, _ = Qwen(cfg).apply({"params": params}, batch["inputs"],
+                                 positions=batch.get("positions"),
+                                 segment_ids=batch.get("segment_ids"), train=True,
+                                 rngs={"dropout": rng}, head=head)
+        mask = batch["loss_mask"].astype(jnp.float32)
+        return jnp.sum(out * mask) / jnp.maximum(jnp.sum(mask), 1.0)
+
+    def jit_update(self):
+        shardings = self.state_shardings()
+        rep = shd.replicated(self.mesh)
+        fn = jax.jit(self.update, in_shardings=(shardings, None, None, None, None, rep),
+                     out_shardings=(shardings, rep), donate_argnums=(0,))
+        return under_mesh(fn, self.mesh)
+
+    # ------------------------------------------------------------------ the loop's step
+    def ensure_reference(self):
+        if self.reference is None:  # resumed: rebuilt from init_from or the seed
+            self.reference = cast_frozen(self._policy_params(jax.random.PRNGKey(self.cfg.seed)),
+                                         self.cfg.align.frozen_dtype)
+
+    def device_rollout(self, roll: dict) -> dict:
+        return global_arrays(roll, self.sharding, ROLLOUT_KEYS)
+
+    def compile(self, state, batch, rng):
+        self.ensure_reference()
+        update = self.jit_update()
+        compiled = {}
+
+        def step(state, batch, rng):
+            roll = self.device_rollout(self.rollout(state.params, batch["prompts"],
+                                                    int(state.step)))
+            args = (state, self.reference, self.reward, roll, batch.get("ptx"), rng)
+            if "fn" not in compiled:
+                compiled["fn"] = update.lower(*args).compile()
+            return compiled["fn"](*args)
+
+        return step
+
+    def log_record(self, metrics, step_seconds: float) -> dict:
+        keys = ("loss", "reward_mean", "reward_std", "kl", "entropy", "policy_loss",
+                "value_loss", "clip_fraction", "value_clip_fraction", "approx_kl",
+                "response_length", "grad_norm", "value_grad_norm", "policy_updated")
+        record = {k: float(metrics[k]) for k in keys}
+        if self.ptx is not None:
+            record["ptx_loss"] = float(metrics["ptx_loss"])
+        record["step_seconds"] = step_seconds
+        return record
+
+    def describe(self) -> str:
+        return (f"ppo: policy and value {self.model_config.num_params() / 1e6:.1f}M params "
+                f"each, mesh {dict(self.mesh.shape)}, {jax.process_count()} process(es), "
+                f"{self.cfg.global_batch_size} rollouts/step of <= {self.prompt_len} prompt + "
+                f"{self.cfg.align.max_new_tokens} response tokens, reward model "
+                f"{self.cfg.align.reward_model}")
+
+
+def layout(prompts, tokens, num_tokens, stop_len, prompt_len: int, seq_len: int,
+           eod: int) -> dict:
+    """Host arrays of a batch of rollouts: `tokens` / `segments` / `response` [B, seq_len]
+    (prompt right-aligned in the first prompt_len slots, the response after it), and the
+    reward model's input [B, seq_len + 1]: the same, with an end token appended where the
+    response did not stop by itself."""
+    b = len(prompts)
+    out = {k: np.zeros((b, seq_len), np.int32) for k in ("tokens", "segments", "response")}
+    out["tokens"][:] = eod
+    r_tokens = np.full((b, seq_len + 1), eod, np.int32)
+    r_segments = np.zeros((b, seq_len + 1), np.int32)
+    for i, p in enumerate(prompts):
+        n = int(num_tokens[i])
+        start = prompt_len - len(p)
+        out["tokens"][i, start:prompt_len] = p
+        out["tokens"][i, prompt_len:prompt_len + n] = tokens[i, :n]
+        out["segments"][i, start:prompt_len + n] = 1
+        out["response"][i, prompt_len:prompt_len + n] = 1
+        r_tokens[i, :seq_len] = out["tokens"][i]
+        r_segments[i, :seq_len] = out["segments"][i]
+        if stop_len[i] == 0:  # cut by max_new_tokens: the reward is read at an added end
+            r_tokens[i, prompt_len + n] = eod
+            r_segments[i, prompt_len + n] = 1
+    out["reward_tokens"], out["reward_segments"] = r_tokens, r_segments
+    return out
+
+
+def decode_responses(tokenizer, roll: dict) -> list[str]:
+    return [tokenizer.decode(t[r > 0].tolist(), skip_special_tokens=True)
+            for t, r in zip(roll["tokens"], roll["response"])]
+
