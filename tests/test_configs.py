@@ -62,3 +62,34 @@ def test_sft_recipe():
     assert (cfg.optimizer.peak_learning_rate, cfg.optimizer.warmup_steps) == (2e-6, 1430)
     assert cfg.model_overrides.attn_dropout_prob == 0.1
     assert cfg.optimizer.weight_decay == 0.1 and cfg.optimizer.grad_clip_norm == 1.0
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_alignment_keys_check(name):
+    from qwen_jax.align.common import check_align_config
+
+    check_align_config(load(name))  # every config's task and align keys are valid
+
+
+def test_reward_recipe():
+    cfg = load("reward_7b")
+    opt = cfg.optimizer
+    assert cfg.task == "reward" and cfg.init_from and cfg.model == "7b"
+    assert (opt.peak_learning_rate, opt.warmup_steps, opt.final_lr_fraction) == (3e-6, 0, 1.0)
+    assert (cfg.global_batch_size, cfg.data.seq_len) == (64, 2048)
+
+
+def test_ppo_recipe():
+    cfg = load("ppo_7b")
+    a = cfg.align
+    assert cfg.task == "ppo" and cfg.init_from and a.reward_model
+    assert (a.samples_per_prompt, a.top_p, a.kl_coef, a.value_clip) == (2, 0.9, 0.04, 0.15)
+    assert (cfg.optimizer.peak_learning_rate, a.value_learning_rate) == (1e-6, 5e-6)
+    assert a.value_warmup_steps == 50 and a.reward_norm == "mean"
+    assert a.ptx_coef > 0 and a.ptx_source and a.ptx_batch_size > 0
+    assert (a.gamma, a.lam, a.clip_eps) == (1.0, 0.95, 0.2)
+
+
+def test_dpo_recipe():
+    cfg = load("dpo_7b")
+    assert cfg.task == "dpo" and cfg.init_from and cfg.align.dpo_beta == 0.1
