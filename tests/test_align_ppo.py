@@ -1,0 +1,138 @@
+"""PPO end to end on CPU (configs/ppo_tiny.py against a reward_tiny run): the reward rises with
+the KL bounded, a stopped and resumed run logs exactly the uninterrupted run's metrics, the
+policy is a language model like any run's, and bad reward models are one-line errors."""
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from qwen_jax.align.ppo import layout
+from qwen_jax.io.checkpoint import load_params
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def cli(*args, timeout=600):
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    return subprocess.run([sys.executable, "train.py", *map(str, args)], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def records(workdir):
+    return [json.loads(line) for line in (pathlib.Path(workdir) / "metrics.jsonl")
+            .read_text().splitlines()]
+
+
+def error_line(result) -> str:
+    assert result.returncode != 0, result.stdout[-2000:]
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert lines and lines[-1].startswith("error: "), result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
+    return lines[-1]
+
+
+@pytest.fixture(scope="module")
+def reward_run(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("reward") / "run"
+    result = cli("--config", "configs/reward_tiny.py", "--workdir", workdir)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return workdir
+
+
+@pytest.fixture(scope="module")
+def ppo_run(reward_run, tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("ppo") / "run"
+    result = cli("--config", "configs/ppo_tiny.py", "--workdir", workdir,
+                 f"--config.align.reward_model={reward_run}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    return workdir
+
+
+def test_layout_of_rollouts():
+    eod = 9
+    prompts = [[1, 2, 3], [4]]
+    tokens = np.array([[5, 6, eod, eod], [7, 8, 7, 8]])  # row 0 stopped at eod, row 1 cut
+    out = layout(prompts, tokens, np.array([3, 4]), np.array([1, 0]), prompt_len=4,
+                 seq_len=8, eod=eod)
+    np.testing.assert_array_equal(out["tokens"], [[eod, 1, 2, 3, 5, 6, eod, eod],
+                                                  [eod, eod, eod, 4, 7, 8, 7, 8]])
+    np.testing.assert_array_equal(out["segments"], [[0, 1, 1, 1, 1, 1, 1, 0],
+                                                    [0, 0, 0, 1, 1, 1, 1, 1]])
+    np.testing.assert_array_equal(out["response"], [[0, 0, 0, 0, 1, 1, 1, 0],
+                                                    [0, 0, 0, 0, 1, 1, 1, 1]])
+    # The stopped row is scored at its own end token; the cut one at an appended one.
+    np.testing.assert_array_equal(out["reward_segments"][0], [0, 1, 1, 1, 1, 1, 1, 0, 0])
+    np.testing.assert_array_equal(out["reward_segments"][1], [0, 0, 0, 1, 1, 1, 1, 1, 1])
+    assert out["reward_tokens"][1, 8] == eod
+
+
+def test_ppo_raises_the_reward_with_the_kl_bounded(ppo_run):
+    logs = [r for r in records(ppo_run) if "reward_mean" in r]
+    assert logs[-1]["step"] == 150
+    before = logs[0]  # step 10: the value model's warm-up, the policy is still the initial one
+    assert before["policy_updated"] == 0.0 and before["kl"] == pytest.approx(0.0, abs=1e-4)
+    after = logs[-3:]
+    gain = np.mean([r["reward_mean"] for r in after]) - before["reward_mean"]
+    print("reward_mean", [round(r["reward_mean"], 2) for r in logs], "kl",
+          [round(r["kl"], 2) for r in logs], "reward_std", before["reward_std"])
+    assert gain > 10.0 and gain > 3 * before["reward_std"], [r["reward_mean"] for r in logs]
+    # Bounded: the KL of the last third of the run stays within its own range, no runaway.
+    kls = [r["kl"] for r in logs[len(logs) // 3:]]
+    assert max(kls) < 40.0 and max(kls[-3:]) < 1.5 * np.median(kls), kls
+    for key in ("entropy", "policy_loss", "value_loss", "clip_fraction", "response_length",
+                "reward_std"):
+        assert all(np.isfinite(r[key]) for r in logs), key
+    assert any(r["clip_fraction"] > 0 for r in logs)  # 2 epochs x 2 minibatches: clipping acts
+
+
+def test_ppo_policy_loads_as_a_language_model(ppo_run):
+    params, config = load_params(ppo_run)
+    assert "lm_head" in params and config.hidden_size == 128
+
+
+def test_ppo_resume_repeats_the_uninterrupted_run(reward_run, tmp_path):
+    common = ["--config", "configs/ppo_tiny.py", f"--config.align.reward_model={reward_run}",
+              "--config.num_train_steps=24", "--config.log_every_steps=4",
+              "--config.checkpoint_every_steps=100", "--config.align.value_warmup_steps=4"]
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    assert cli(*common, "--workdir", straight).returncode == 0
+    first = cli(*common, "--workdir", resumed, "--stop_at_step=12")
+    assert first.returncode == 0, first.stderr[-2000:]
+    second = cli(*common, "--workdir", resumed)
+    assert second.returncode == 0, second.stderr[-2000:]
+    keys = ("loss", "reward_mean", "kl", "policy_loss", "value_loss", "entropy")
+    a = {r["step"]: [r[k] for k in keys] for r in records(straight) if "loss" in r}
+    b = {r["step"]: [r[k] for k in keys] for r in records(resumed) if "loss" in r}
+    assert sorted(a) == sorted(b) == [4, 8, 12, 16, 20, 24]
+    for step in (16, 20, 24):
+        np.testing.assert_allclose(b[step], a[step], rtol=1e-5, atol=1e-6, err_msg=str(step))
+
+
+def test_bad_reward_models_are_one_line_errors(reward_run, ppo_run, tmp_path):
+    base = ["--config", "configs/ppo_tiny.py", "--config.num_train_steps=2"]
+    cases = {
+        "": "config.reward_model is empty",
+        str(ppo_run): "not a reward model run",
+        str(tmp_path / "missing"): "no such directory",
+    }
+    for i, (path, expected) in enumerate(cases.items()):
+        workdir = tmp_path / f"w{i}"
+        line = error_line(cli(*base, f"--config.align.reward_model={path}", "--workdir",
+                              workdir))
+        assert expected in line, line
+        assert not workdir.exists()
+    other, config = tmp_path / "other_reward", tmp_path / "one_layer.py"
+    config.write_text("from configs.reward_tiny import get_config as tiny\n\n\n"
+                      "def get_config():\n    c = tiny()\n"
+                      "    c.model_overrides.num_hidden_layers = 1\n    return c\n")
+    done = cli("--config", config, "--workdir", other, "--config.num_train_steps=2")
+    assert done.returncode == 0, done.stderr[-2000:]
+    line = error_line(cli(*base, f"--config.align.reward_model={other}", "--workdir",
+                          tmp_path / "w_other"))
+    assert "a reward model of another model config" in line, line
+    assert not (tmp_path / "w_other").exists()
