@@ -93,12 +93,15 @@ def compile_only() -> int:
     from qwen_jax.train import loop as train_loop
 
     decode = None if _DECODE_BATCH.value < 0 else _DECODE_BATCH.value
+    checker = aot
+    if _CONFIG.value.get("task", "lm") != "lm":
+        from qwen_jax.align import aot as checker
     try:
-        report = aot.check(_CONFIG.value, _TOPOLOGY.value, _NUM_SLICES.value, decode)
+        report = checker.check(_CONFIG.value, _TOPOLOGY.value, _NUM_SLICES.value, decode)
     except (aot.AotError, train_loop.TrainError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(aot.format_report(report), flush=True)
+    print(checker.format_report(report), flush=True)
     if _REPORT_JSON.value:
         aot.write_json(report, _REPORT_JSON.value)
     if not report["fits"]:

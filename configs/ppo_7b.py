@@ -38,7 +38,7 @@ def get_config():
     c.align.ppo_minibatches = 1
     c.align.ptx_coef = 0.1
     c.align.ptx_source = "pretrain.jsonl"
-    c.align.ptx_batch_size = 16
+    c.align.ptx_batch_size = 64  # divisible by the data-parallel size of a pod slice
     c.optimizer.peak_learning_rate = 1e-6
     c.optimizer.warmup_steps = 0
     c.optimizer.final_lr_fraction = 1.0

@@ -57,11 +57,16 @@ class PairTask(Task):
     """A run on preference pairs (reward model, DPO): data, sharded batches, evaluation of
     pairwise accuracy on held-out pairs."""
 
-    def __init__(self, cfg):
+    def __init__(self, cfg, mesh=None, load: bool = True):
+        """load=False: no tokenizer and no data (what compile-only needs)."""
         check_align_config(cfg)
         self.cfg = cfg
-        self.trainer = build_trainer(cfg)
+        self.trainer = build_trainer(cfg, mesh)
         self.model_config, self.mesh = self.trainer.model_config, self.trainer.mesh
+        self.sharding = shd.batch_sharding(self.mesh, 2)
+        self.row_sharding = shd.batch_sharding(self.mesh, 1)
+        if not load:
+            return
         self.tokenizer = tokenizer_for(cfg, self.model_config)
         d = cfg.data
         try:
@@ -75,8 +80,6 @@ class PairTask(Task):
         self.train_data = align_data.PairIterator(train, cfg.global_batch_size, d.seq_len, pad,
                                                   cfg.seed)
         self.eval_pairs = evals
-        self.sharding = shd.batch_sharding(self.mesh, 2)
-        self.row_sharding = shd.batch_sharding(self.mesh, 1)
 
     def device_batch(self, batch: dict) -> dict:
         out = global_arrays({k: batch[k] for k in PAIR_KEYS if batch[k].ndim == 2},

@@ -31,7 +31,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from qwen_jax.data.chat_format import DEFAULT_SYSTEM, encode_conversation
+from qwen_jax.data.chat_format import encode_conversation
 from qwen_jax.data.pipeline import DataError
 
 TOY_DIGITS = "toy:digits"
@@ -43,6 +43,7 @@ class Pair(NamedTuple):
     chosen: list[int]
     rejected: list[int]
     margin: float
+    where: str = ""  # file:line of a pair read from a file
 
 
 # ------------------------------------------------------------------------------ parsing
@@ -108,7 +109,7 @@ def parse_pair(record, tokenizer, where: str) -> Pair:
     r = _reply(tokenizer, rejected, end, where, "rejected")
     if c == r:
         raise DataError(f"{where}: 'chosen' and 'rejected' are identical")
-    return Pair(prompt_ids, c, r, float(margin))
+    return Pair(prompt_ids, c, r, float(margin), where)
 
 
 def read_pairs(paths, tokenizer) -> list[Pair]:
@@ -253,11 +254,12 @@ def check_pairs(pairs: list[Pair], seq_len: int, what: str) -> list[Pair]:
     out = []
     for i, p in enumerate(pairs):
         c, r = fit(p.prompt, p.chosen, seq_len), fit(p.prompt, p.rejected, seq_len)
+        where = p.where or f"{what}: pair {i}"
         if c is None or r is None:
-            raise DataError(f"{what}: pair {i}: the prompt has {len(p.prompt)} tokens, which "
+            raise DataError(f"{where}: the prompt has {len(p.prompt)} tokens, which "
                             f"leaves no room for a response in seq_len={seq_len}")
         if c == r:
-            raise DataError(f"{what}: pair {i}: 'chosen' and 'rejected' are identical once cut "
+            raise DataError(f"{where}: 'chosen' and 'rejected' are identical once cut "
                             f"to seq_len={seq_len}")
         out.append(p._replace(chosen=c, rejected=r))
     return out
@@ -353,6 +355,3 @@ def load_prompts(source: str, tokenizer, seq_len: int, seed: int,
                             f"for a response in seq_len={seq_len}")
     return prompts
 
-
-def default_system() -> str:
-    return DEFAULT_SYSTEM

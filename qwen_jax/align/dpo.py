@@ -36,8 +36,8 @@ def pair_logprobs(params, config, batch, *, train=False, rng=None, chunk_tokens=
 class DPOTask(PairTask):
     kind = "dpo"
 
-    def __init__(self, cfg):
-        super().__init__(cfg)
+    def __init__(self, cfg, mesh=None, load: bool = True):
+        super().__init__(cfg, mesh, load)
         self.optimizer = self.trainer.optimizer
         self.tokens_per_step = 2 * cfg.global_batch_size * cfg.data.seq_len
         self.reference = None
@@ -93,14 +93,16 @@ class DPOTask(PairTask):
         per, chosen, rejected = self._stats(state.params, ref, batch, False, None)
         return {"loss": per, "accuracy": (chosen > rejected).astype(jnp.float32)}
 
-    def compile(self, state, batch, rng):
-        self.ensure_reference(jax.random.PRNGKey(self.cfg.seed))
+    def jit_train_step(self):
         shardings = self.trainer.state_shardings()
         rep = shd.replicated(self.mesh)
-        fn = under_mesh(jax.jit(self.train_step, in_shardings=(shardings, None, rep, None),
-                                out_shardings=(shardings, rep), donate_argnums=(0,)),
-                        self.mesh)
-        compiled = fn.lower(state, batch, rng, self.reference).compile()
+        return under_mesh(jax.jit(self.train_step, in_shardings=(shardings, None, rep, None),
+                                  out_shardings=(shardings, rep), donate_argnums=(0,)),
+                          self.mesh)
+
+    def compile(self, state, batch, rng):
+        self.ensure_reference(jax.random.PRNGKey(self.cfg.seed))
+        compiled = self.jit_train_step().lower(state, batch, rng, self.reference).compile()
         return lambda state, batch, rng: compiled(state, batch, rng, self.reference)
 
     def evaluate(self, state):

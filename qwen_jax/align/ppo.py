@@ -64,12 +64,12 @@ class PPOState:
 class PPOTask(Task):
     kind = "ppo"
 
-    def __init__(self, cfg, *, load: bool = True):
-        """load=False: no data and no reward model (what compile-only needs)."""
+    def __init__(self, cfg, mesh=None, load: bool = True):
+        """load=False: no tokenizer, data or reward model (what compile-only needs)."""
         check_align_config(cfg)
         a, d = cfg.align, cfg.data
         self.cfg = cfg
-        self.trainer = build_trainer(cfg)
+        self.trainer = build_trainer(cfg, mesh)
         self.model_config, self.mesh = self.trainer.model_config, self.trainer.mesh
         gbs, k = cfg.global_batch_size, a.samples_per_prompt
         if k < 1 or gbs % k:
@@ -98,9 +98,10 @@ class PPOTask(Task):
         self.sharding = shd.batch_sharding(self.mesh, 2)
         self.reference = self.reward = self.reward_config = None
         self.tokens_per_step = gbs * d.seq_len
-        self.tokenizer = tokenizer_for(cfg, self.model_config)
+        self.ptx = None
         if not load:
             return
+        self.tokenizer = tokenizer_for(cfg, self.model_config)
         try:
             prompts = align_data.load_prompts(d.source, self.tokenizer, self.prompt_len + 1,
                                               cfg.seed, a.toy_size)
@@ -108,7 +109,6 @@ class PPOTask(Task):
             raise TrainError(f"config.data: {e} (data.seq_len - align.max_new_tokens = "
                              f"{self.prompt_len} prompt tokens at most)") from None
         self.prompts = align_data.PromptIterator(prompts, gbs // k, cfg.seed)
-        self.ptx = None
         if a.ptx_coef > 0:
             config = data_lib.DataConfig(
                 source=a.ptx_source if a.ptx_source == "stdlib" else a.ptx_source.split(","),
@@ -134,7 +134,7 @@ class PPOTask(Task):
         rep = shd.replicated(self.mesh)
         return PPOState(step=rep, params=policy.params, opt_state=policy.opt_state,
                         value_params=v_params, value_opt_state=v_opt,
-                        moments={k: rep for k in losses.moments_init()},
+                        moments={k: rep for k in ("count", "mean", "var")},
                         nonfinite_steps=rep, last_nonfinite_step=rep)
 
     def _fresh(self, policy, value) -> PPOState:

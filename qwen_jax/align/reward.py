@@ -35,8 +35,8 @@ def pair_rewards(params, config, batch, *, train=False, rng=None):
 class RewardTask(PairTask):
     kind = "reward"
 
-    def __init__(self, cfg):
-        super().__init__(cfg)
+    def __init__(self, cfg, mesh=None, load: bool = True):
+        super().__init__(cfg, mesh, load)
         self.optimizer = self.trainer.optimizer
         self.tokens_per_step = 2 * cfg.global_batch_size * cfg.data.seq_len
         self._eval_fn = None
