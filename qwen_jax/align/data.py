@@ -112,22 +112,25 @@ def parse_pair(record, tokenizer, where: str) -> Pair:
     return Pair(prompt_ids, c, r, float(margin), where)
 
 
-def read_pairs(paths, tokenizer) -> list[Pair]:
-    pairs = []
+def jsonl_records(paths, what: str):
+    """(file:line, record) of every non-blank line of the JSONL files `paths`."""
     for path in paths:
         path = pathlib.Path(path)
         if not path.is_file():
-            raise DataError(f"{path}: no such preference file")
+            raise DataError(f"{path}: no such {what} file")
         with open(path, encoding="utf-8") as f:
             for n, line in enumerate(f, 1):
                 if not line.strip():
                     continue
-                where = f"{path}:{n}"
                 try:
-                    record = json.loads(line)
+                    yield f"{path}:{n}", json.loads(line)
                 except json.JSONDecodeError as e:
-                    raise DataError(f"{where}: not valid JSON ({e.msg})") from None
-                pairs.append(parse_pair(record, tokenizer, where))
+                    raise DataError(f"{path}:{n}: not valid JSON ({e.msg})") from None
+
+
+def read_pairs(paths, tokenizer) -> list[Pair]:
+    pairs = [parse_pair(record, tokenizer, where)
+             for where, record in jsonl_records(paths, "preference")]
     if not pairs:
         raise DataError(f"{','.join(map(str, paths))}: no preference pairs")
     return pairs
@@ -289,29 +292,17 @@ def read_prompts(paths, tokenizer) -> list[list[int]]:
     """JSONL `{"prompt": text | message list}` -> ids (a message list becomes a ChatML prompt
     ending in `<|im_start|>assistant\\n`)."""
     prompts = []
-    for path in paths:
-        path = pathlib.Path(path)
-        if not path.is_file():
-            raise DataError(f"{path}: no such prompt file")
-        with open(path, encoding="utf-8") as f:
-            for n, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                where = f"{path}:{n}"
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise DataError(f"{where}: not valid JSON ({e.msg})") from None
-                prompt = record.get("prompt") if isinstance(record, dict) else None
-                if isinstance(prompt, list):
-                    try:
-                        prompts.append(_chatml_prompt(tokenizer, prompt))
-                    except ValueError as e:
-                        raise DataError(f"{where}: 'prompt': {e}") from None
-                elif isinstance(prompt, str) and prompt:
-                    prompts.append(tokenizer.encode(prompt, allow_special=False))
-                else:
-                    raise DataError(f"{where}: expected {{\"prompt\": text or messages}}")
+    for where, record in jsonl_records(paths, "prompt"):
+        prompt = record.get("prompt") if isinstance(record, dict) else None
+        if isinstance(prompt, list):
+            try:
+                prompts.append(_chatml_prompt(tokenizer, prompt))
+            except ValueError as e:
+                raise DataError(f"{where}: 'prompt': {e}") from None
+        elif isinstance(prompt, str) and prompt:
+            prompts.append(tokenizer.encode(prompt, allow_special=False))
+        else:
+            raise DataError(f"{where}: expected {{\"prompt\": text or messages}}")
     if not prompts:
         raise DataError(f"{','.join(map(str, paths))}: no prompts")
     return prompts
