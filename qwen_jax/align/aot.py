@@ -14,10 +14,8 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from qwen_jax.align import models
 from qwen_jax.align.common import PAIR_KEYS
 from qwen_jax.data.pipeline import BATCH_KEYS
-from qwen_jax.model.transformer import abstract_params
 from qwen_jax.parallel import sharding as shd
 from qwen_jax.train import aot
 
@@ -39,50 +37,45 @@ def _pair_batch(cfg, mesh):
     return _structs(shapes, lambda ndim: shd.batch_sharding(mesh, ndim))
 
 
+def _task_for_tpu(cfg, mesh):
+    """The task of cfg without data, its model config (and its Trainers') set for TPU."""
+    if cfg.task == "ppo":
+        from qwen_jax.align.ppo import PPOTask as cls
+    elif cfg.task == "reward":
+        from qwen_jax.align.reward import RewardTask as cls
+    else:
+        from qwen_jax.align.dpo import DPOTask as cls
+    task = cls(cfg, mesh, load=False)
+    task.model_config = aot._tpu_model_config(task.model_config)
+    for name in ("trainer", "value_trainer", "lm_trainer"):
+        if hasattr(task, name):
+            setattr(task, name, dataclasses.replace(getattr(task, name),
+                                                    model_config=task.model_config))
+    return task
+
+
 def compile_step(cfg, mesh, sl: aot.Slice) -> dict:
     rng = jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=shd.replicated(mesh))
-    tpu = aot._tpu_model_config
-    if cfg.task == "ppo":
-        from qwen_jax.align.ppo import ROLLOUT_KEYS, PPOTask
-
-        task = PPOTask(cfg, mesh, load=False)
-        task.model_config = tpu(task.model_config)
-        task.trainer = dataclasses.replace(task.trainer, model_config=task.model_config)
-        config, a = task.model_config, cfg.align
-        reference = _frozen(abstract_params(config, task.trainer.param_shardings()),
-                            a.frozen_dtype)
-        reward = _frozen(models.abstract_scalar_params(
-            config, models.scalar_shardings(config, mesh)), a.frozen_dtype)
-        b, t = cfg.global_batch_size, cfg.data.seq_len
-        roll = _structs({k: ((b, t + 1) if k.startswith("reward") else (b, t), jnp.int32)
-                         for k in ROLLOUT_KEYS}, lambda n: shd.batch_sharding(mesh, n))
-        ptx = None
-        if a.ptx_coef > 0:
-            ptx = _structs({k: ((a.ptx_batch_size, t),
-                                jnp.float32 if k == "loss_mask" else jnp.int32)
-                            for k in BATCH_KEYS}, lambda n: shd.batch_sharding(mesh, n))
-        with jax.default_device(sl.devices[0]):
-            lowered = task.jit_update().lower(task.abstract_state(), reference, reward, roll,
-                                              ptx, rng)
-        return aot._compile(lowered, sl)
-    if cfg.task == "reward":
-        from qwen_jax.align.reward import RewardTask
-
-        task = RewardTask(cfg, mesh, load=False)
-        task.model_config = tpu(task.model_config)
-        with jax.default_device(sl.devices[0]):
+    task = _task_for_tpu(cfg, mesh)
+    a = cfg.align
+    with jax.default_device(sl.devices[0]):
+        if cfg.task == "reward":
             lowered = task.jit_train_step().lower(task.abstract_state(),
                                                   _pair_batch(cfg, mesh), rng)
-        return aot._compile(lowered, sl)
-    from qwen_jax.align.dpo import DPOTask
-
-    task = DPOTask(cfg, mesh, load=False)
-    task.model_config = tpu(task.model_config)
-    reference = _frozen(abstract_params(task.model_config, task.trainer.param_shardings()),
-                        cfg.align.frozen_dtype)
-    with jax.default_device(sl.devices[0]):
-        lowered = task.jit_train_step().lower(task.abstract_state(), _pair_batch(cfg, mesh),
-                                              rng, reference)
+            return aot._compile(lowered, sl)
+        reference = _frozen(task.trainer.abstract_state().params, a.frozen_dtype)
+        if cfg.task == "dpo":
+            lowered = task.jit_train_step().lower(task.abstract_state(),
+                                                  _pair_batch(cfg, mesh), rng, reference)
+            return aot._compile(lowered, sl)
+        reward = _frozen(task.value_trainer.abstract_state().params, a.frozen_dtype)
+        ptx = None
+        if a.ptx_coef > 0:
+            ptx = _structs({k: ((a.ptx_batch_size, cfg.data.seq_len),
+                                jnp.float32 if k == "loss_mask" else jnp.int32)
+                            for k in BATCH_KEYS}, lambda n: shd.batch_sharding(mesh, n))
+        lowered = task.jit_update().lower(task.abstract_state(), reference, reward,
+                                          task.abstract_rollout(), ptx, rng)
     return aot._compile(lowered, sl)
 
 

@@ -53,6 +53,21 @@ def cast_frozen(params, dtype: str):
     return jax.jit(lambda p: jax.tree.map(lambda x: x.astype(jnp.dtype(dtype)), p))(params)
 
 
+def initial_lm_params(cfg, trainer, rng):
+    """The policy's start: init_from's parameters, or random ones from `rng`."""
+    if cfg.init_from:
+        return initial_params(cfg, trainer.model_config, trainer.param_shardings())
+    return trainer.random_params(rng)
+
+
+def frozen_reference(cfg, trainer, policy=None):
+    """The frozen reference of DPO and PPO: a copy of the initial policy (`policy`, or, on a
+    resumed run, init_from / the seed's random parameters again) in align.frozen_dtype."""
+    if policy is None:
+        policy = initial_lm_params(cfg, trainer, jax.random.PRNGKey(cfg.seed))
+    return cast_frozen(policy, cfg.align.frozen_dtype)
+
+
 class PairTask(Task):
     """A run on preference pairs (reward model, DPO): data, sharded batches, evaluation of
     pairwise accuracy on held-out pairs."""
@@ -65,21 +80,24 @@ class PairTask(Task):
         self.model_config, self.mesh = self.trainer.model_config, self.trainer.mesh
         self.sharding = shd.batch_sharding(self.mesh, 2)
         self.row_sharding = shd.batch_sharding(self.mesh, 1)
+        self.tokens_per_step = 2 * cfg.global_batch_size * cfg.data.seq_len  # both sides
+        self._eval_fn = None
         if not load:
             return
         self.tokenizer = tokenizer_for(cfg, self.model_config)
         d = cfg.data
         try:
-            train = align_data.load_pairs(d.source, self.tokenizer, d.seq_len, "train",
-                                          cfg.seed, d.eval_source, cfg.align.toy_size)
-            evals = align_data.load_pairs(d.source, self.tokenizer, d.seq_len, "eval",
-                                          cfg.seed, d.eval_source, cfg.align.toy_size)
+            train, evals = align_data.load_splits(d.source, self.tokenizer, d.seq_len, cfg.seed,
+                                                  d.eval_source, cfg.align.toy_size)
         except DataError as e:
             raise TrainError(f"config.data: {e}") from None
         pad = self.tokenizer.eod_id
         self.train_data = align_data.PairIterator(train, cfg.global_batch_size, d.seq_len, pad,
                                                   cfg.seed)
         self.eval_pairs = evals
+
+    def abstract_state(self):
+        return self.trainer.abstract_state()
 
     def device_batch(self, batch: dict) -> dict:
         out = global_arrays({k: batch[k] for k in PAIR_KEYS if batch[k].ndim == 2},
@@ -114,12 +132,6 @@ class PairTask(Task):
             count += float(valid.sum())
         return {f"eval_{k}": v / count for k, v in sums.items()}
 
-    def initial_lm_params(self, rng):
-        """init_from's parameters, or random ones from the seed."""
-        if self.cfg.init_from:
-            return initial_params(self.cfg, self.model_config, self.trainer.param_shardings())
-        return self.trainer.init_state(rng).params
-
     def describe(self) -> str:
         return (f"{self.kind}: model {self.model_config.num_params() / 1e6:.1f}M params, mesh "
                 f"{dict(self.mesh.shape)}, {jax.process_count()} process(es), "
@@ -128,7 +140,8 @@ class PairTask(Task):
 
 
 def load_reward_model(path: str, config, mesh, what: str = "config.reward_model"):
-    """(params, model config) of a reward run's latest step, checked against `config`."""
+    """The parameters of a reward run's latest step, checked against `config` (a reward
+    model of the policy's shape), in `config.param_dtype`."""
     if not path:
         raise TrainError(f"{what} is empty: give the workdir of a reward run (task=reward)")
     try:
@@ -140,9 +153,9 @@ def load_reward_model(path: str, config, mesh, what: str = "config.reward_model"
         if shape_of(stored) != shape_of(config):
             raise TrainError(f"{what}={path}: a reward model of another model config: "
                              f"{shape_of(stored)} vs the policy's {shape_of(config)}")
-        reward_config = config.replace(param_dtype=stored.param_dtype)
-        abstract = models.abstract_scalar_params(reward_config,
-                                                 models.scalar_shardings(reward_config, mesh))
-        return load_run_params(path, abstract), reward_config
+        as_stored = config.replace(param_dtype=stored.param_dtype)
+        params = load_run_params(path, models.abstract_scalar_params(
+            as_stored, models.scalar_shardings(as_stored, mesh)))
+        return cast_frozen(params, config.param_dtype)
     except CheckpointError as e:
         raise TrainError(f"{what}: {e}") from None

@@ -205,6 +205,44 @@ def pair_batch(pairs: list[Pair], seq_len: int, pad_id: int) -> dict:
     return out
 
 
+class Epochs:
+    """Indices into n items: epochs of a seeded shuffle (or in order), walked with a JSON
+    state {"epoch", "position"}; `epochs` None = without end. Each epoch's order is drawn
+    once."""
+
+    def __init__(self, n: int, seed: int, shuffle: bool = True, epochs: int | None = None):
+        self.n, self.seed, self.shuffle, self.epochs = n, seed, shuffle, epochs
+        self.epoch = self.position = 0
+        self._order = (None, None)  # (epoch, its order)
+
+    def order(self) -> np.ndarray:
+        if self._order[0] != self.epoch:
+            order = (np.random.default_rng([self.seed, self.epoch]).permutation(self.n)
+                     if self.shuffle else np.arange(self.n))
+            self._order = (self.epoch, order)
+        return self._order[1]
+
+    def take(self, k: int) -> list[int]:
+        """The next k indices, crossing into the next epoch; fewer (maybe none) when the last
+        epoch ends."""
+        out: list[int] = []
+        while len(out) < k:
+            if self.position >= self.n:
+                if self.epochs is not None and self.epoch + 1 >= self.epochs:
+                    break
+                self.epoch, self.position = self.epoch + 1, 0
+            count = min(k - len(out), self.n - self.position)
+            out += self.order()[self.position:self.position + count].tolist()
+            self.position += count
+        return out
+
+    def get_state(self) -> dict:
+        return {"epoch": self.epoch, "position": self.position}
+
+    def set_state(self, state: dict) -> None:
+        self.epoch, self.position = int(state["epoch"]), int(state["position"])
+
+
 class PairIterator:
     """Global batches of pairs: epochs of a seeded shuffle (train), or one pass in order
     (eval, `epochs=1`). State: {"epoch", "position"}."""
@@ -213,31 +251,15 @@ class PairIterator:
                  seed: int, shuffle: bool = True, epochs: int | None = None):
         self.pairs, self.batch_size, self.seq_len, self.pad_id = pairs, batch_size, seq_len, \
             pad_id
-        self.seed, self.shuffle, self.epochs = seed, shuffle, epochs
-        self.epoch = self.position = 0
-
-    def _order(self) -> np.ndarray:
-        n = len(self.pairs)
-        if not self.shuffle:
-            return np.arange(n)
-        return np.random.default_rng([self.seed, self.epoch]).permutation(n)
+        self.walk = Epochs(len(pairs), seed, shuffle, epochs)
 
     def __iter__(self):
         return self
 
     def __next__(self) -> dict:
-        chosen = []
-        while len(chosen) < self.batch_size:
-            if self.position >= len(self.pairs):
-                if self.epochs is not None and self.epoch + 1 >= self.epochs:
-                    if not chosen:
-                        raise StopIteration
-                    break
-                self.epoch, self.position = self.epoch + 1, 0
-            order = self._order()
-            take = min(self.batch_size - len(chosen), len(self.pairs) - self.position)
-            chosen += [self.pairs[i] for i in order[self.position:self.position + take]]
-            self.position += take
+        chosen = [self.pairs[i] for i in self.walk.take(self.batch_size)]
+        if not chosen:
+            raise StopIteration
         valid = np.ones(self.batch_size, np.float32)
         valid[len(chosen):] = 0  # a last eval batch padded with copies, weighted 0
         chosen += [chosen[-1]] * (self.batch_size - len(chosen))
@@ -246,10 +268,10 @@ class PairIterator:
         return batch
 
     def get_state(self) -> dict:
-        return {"epoch": self.epoch, "position": self.position}
+        return self.walk.get_state()
 
     def set_state(self, state: dict) -> None:
-        self.epoch, self.position = int(state["epoch"]), int(state["position"])
+        self.walk.set_state(state)
 
 
 def check_pairs(pairs: list[Pair], seq_len: int, what: str) -> list[Pair]:
@@ -268,23 +290,34 @@ def check_pairs(pairs: list[Pair], seq_len: int, what: str) -> list[Pair]:
     return out
 
 
+def load_splits(source: str, tokenizer, seq_len: int, seed: int, eval_source: str = "",
+                toy_size: int = 4096) -> tuple[list[Pair], list[Pair]]:
+    """(train, eval) pairs, each file read once: files, or `toy:digits` (the eval split drawn
+    with another seed). Without an eval_source, a file source holds out every 20th pair."""
+    def read(src: str, split: str) -> list[Pair]:
+        if src == TOY_DIGITS:
+            size = toy_size if split == "train" else max(256, toy_size // 16)
+            return toy_digits_pairs(size, seed + (0 if split == "train" else 7919), tokenizer)
+        return read_pairs([s for s in src.split(",") if s], tokenizer)
+
+    train = read(source, "train")
+    if eval_source or source == TOY_DIGITS:
+        evals = read(eval_source or source, "eval")
+    else:
+        evals = [p for i, p in enumerate(train) if i % 20 == 19]
+        train = [p for i, p in enumerate(train) if i % 20 != 19]
+        if not evals:
+            raise DataError(f"{source}: too few pairs to hold out an eval split (every 20th); "
+                            "give config.data.eval_source")
+    return check_pairs(train, seq_len, source), check_pairs(evals, seq_len,
+                                                            eval_source or source)
+
+
 def load_pairs(source: str, tokenizer, seq_len: int, split: str, seed: int,
                eval_source: str = "", toy_size: int = 4096) -> list[Pair]:
-    """The pairs of `split` ("train" or "eval"): files, or `toy:digits` (the eval split drawn
-    with another seed). Without an eval_source, a file source holds out every 20th pair."""
-    src = eval_source if split == "eval" and eval_source else source
-    if src == TOY_DIGITS:
-        size = toy_size if split == "train" else max(256, toy_size // 16)
-        pairs = toy_digits_pairs(size, seed + (0 if split == "train" else 7919), tokenizer)
-    else:
-        pairs = read_pairs([s for s in src.split(",") if s], tokenizer)
-        if not eval_source:
-            held_out = [i % 20 == 19 for i in range(len(pairs))]
-            pairs = [p for p, h in zip(pairs, held_out) if h == (split == "eval")]
-            if not pairs:
-                raise DataError(f"{src}: too few pairs to hold out an eval split (every 20th); "
-                                "give config.data.eval_source")
-    return check_pairs(pairs, seq_len, src)
+    """The pairs of one split ("train" or "eval") of `load_splits`."""
+    train, evals = load_splits(source, tokenizer, seq_len, seed, eval_source, toy_size)
+    return train if split == "train" else evals
 
 
 # ------------------------------------------------------------------------------ PPO prompts
@@ -312,24 +345,17 @@ class PromptIterator:
     """Batches of prompts (lists of ids), epochs of a seeded shuffle; JSON state."""
 
     def __init__(self, prompts: list[list[int]], batch_size: int, seed: int):
-        self.prompts, self.batch_size, self.seed = prompts, batch_size, seed
-        self.epoch = self.position = 0
+        self.prompts, self.batch_size = prompts, batch_size
+        self.walk = Epochs(len(prompts), seed)
 
     def __next__(self) -> list[list[int]]:
-        out = []
-        while len(out) < self.batch_size:
-            if self.position >= len(self.prompts):
-                self.epoch, self.position = self.epoch + 1, 0
-            order = np.random.default_rng([self.seed, self.epoch]).permutation(len(self.prompts))
-            out.append(self.prompts[order[self.position]])
-            self.position += 1
-        return out
+        return [self.prompts[i] for i in self.walk.take(self.batch_size)]
 
     def get_state(self) -> dict:
-        return {"epoch": self.epoch, "position": self.position}
+        return self.walk.get_state()
 
     def set_state(self, state: dict) -> None:
-        self.epoch, self.position = int(state["epoch"]), int(state["position"])
+        self.walk.set_state(state)
 
 
 def load_prompts(source: str, tokenizer, seq_len: int, seed: int,

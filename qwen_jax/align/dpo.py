@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 
 from qwen_jax.align import losses, models
-from qwen_jax.align.common import PairTask, cast_frozen
+from qwen_jax.align.common import PairTask, frozen_reference, initial_lm_params
 from qwen_jax.parallel import sharding as shd
 from qwen_jax.train.optim import learning_rate_schedule
 from qwen_jax.train.steps import guarded_update, under_mesh
@@ -38,24 +38,12 @@ class DPOTask(PairTask):
 
     def __init__(self, cfg, mesh=None, load: bool = True):
         super().__init__(cfg, mesh, load)
-        self.optimizer = self.trainer.optimizer
-        self.tokens_per_step = 2 * cfg.global_batch_size * cfg.data.seq_len
-        self.reference = None
-        self._eval_fn = None
+        self.reference = None  # built with the initial state, or again on resume
 
     def initial_state(self, rng):
-        params = self.initial_lm_params(rng)
-        self.reference = cast_frozen(params, self.cfg.align.frozen_dtype)
+        params = initial_lm_params(self.cfg, self.trainer, rng)
+        self.reference = frozen_reference(self.cfg, self.trainer, params)
         return self.trainer.state_from_params(params)
-
-    def abstract_state(self):
-        return self.trainer.abstract_state()
-
-    def ensure_reference(self, rng):
-        """On resume the reference is rebuilt from init_from (or the seed), not stored."""
-        if self.reference is None:
-            self.reference = cast_frozen(self.initial_lm_params(rng),
-                                         self.cfg.align.frozen_dtype)
 
     def _stats(self, params, ref, batch, train, rng):
         cfg = self.model_config
@@ -77,7 +65,7 @@ class DPOTask(PairTask):
 
         (loss, (chosen, rejected)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
             state.params)
-        new_state, grad_norm = guarded_update(state, grads, loss, self.optimizer,
+        new_state, grad_norm = guarded_update(state, grads, loss, self.trainer.optimizer,
                                               self.cfg.nonfinite)
         mean = lambda x: jnp.sum(x * w) / n  # noqa: E731
         return new_state, {
@@ -101,7 +89,8 @@ class DPOTask(PairTask):
                           self.mesh)
 
     def compile(self, state, batch, rng):
-        self.ensure_reference(jax.random.PRNGKey(self.cfg.seed))
+        if self.reference is None:
+            self.reference = frozen_reference(self.cfg, self.trainer)
         compiled = self.jit_train_step().lower(state, batch, rng, self.reference).compile()
         return lambda state, batch, rng: compiled(state, batch, rng, self.reference)
 

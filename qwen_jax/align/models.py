@@ -14,10 +14,12 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import NamedSharding, PartitionSpec
 
+from qwen_jax.align.losses import entropy_from_logits
 from qwen_jax.model.config import QwenConfig
 from qwen_jax.model.layers import jnp_dtype, precision
 from qwen_jax.model.loss import fused_cross_entropy
 from qwen_jax.model.transformer import Qwen, init_params, param_shardings
+from qwen_jax.train.steps import ParamSpec
 
 SCORE = "score"
 
@@ -56,10 +58,8 @@ def _entropy(hidden, kernel, dtype, chunk_tokens: int):
     chunks = jnp.swapaxes(h.reshape(b, -1, length, h.shape[-1]), 0, 1)
 
     def one(hc):
-        logits = jnp.einsum("bth,hv->btv", hc, kernel.astype(dtype),
-                            preferred_element_type=jnp.float32)
-        logz = jax.nn.logsumexp(logits, axis=-1)
-        return logz - jnp.sum(jax.nn.softmax(logits, axis=-1) * logits, axis=-1)
+        return entropy_from_logits(jnp.einsum("bth,hv->btv", hc, kernel.astype(dtype),
+                                              preferred_element_type=jnp.float32))
 
     out = jax.lax.map(one, chunks)  # [n, B, length]
     return jnp.swapaxes(out, 0, 1).reshape(b, -1)[:, :t]
@@ -91,6 +91,10 @@ def scalar_shardings(config: QwenConfig, mesh):
     shardings = {k: v for k, v in param_shardings(config, mesh).items() if k != "lm_head"}
     shardings[SCORE] = {"kernel": NamedSharding(mesh, PartitionSpec())}
     return shardings
+
+
+# A Trainer of the reward / value model: `dataclasses.replace(trainer, params=SCALAR_PARAMS)`.
+SCALAR_PARAMS = ParamSpec(init=init_scalar_params, shardings=scalar_shardings)
 
 
 def abstract_scalar_params(config: QwenConfig, shardings=None):

@@ -23,28 +23,26 @@ from the seed and the step, so a resumed run repeats an uninterrupted one exactl
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
 from qwen_jax.align import data as align_data
 from qwen_jax.align import losses, models
-from qwen_jax.align.common import cast_frozen, check_align_config, load_reward_model
+from qwen_jax.align.common import (cast_frozen, check_align_config, frozen_reference,
+                                   initial_lm_params, load_reward_model)
 from qwen_jax.data import pipeline as data_lib
 from qwen_jax.data.pipeline import DataError
 from qwen_jax.infer.generate import GenerationConfig, generate
-from qwen_jax.model.layers import jnp_dtype, precision
-from qwen_jax.model.loss import fused_cross_entropy
-from qwen_jax.model.transformer import Qwen, init_params
 from qwen_jax.parallel import sharding as shd
-from qwen_jax.train.build import TrainError, build_trainer, tokenizer_for
-from qwen_jax.train.optim import OptimizerConfig, make_optimizer
-from qwen_jax.train.steps import state_shardings_for, under_mesh
-from qwen_jax.train.task import Task, global_arrays, initial_params, next_batch
+from qwen_jax.train.build import TrainError, build_trainer, data_iterator, tokenizer_for
+from qwen_jax.train.optim import OptimizerConfig
+from qwen_jax.train.steps import checked_update, keep_if, under_mesh
+from qwen_jax.train.task import Task, global_arrays, next_batch
 
 ROLLOUT_KEYS = ("tokens", "segments", "response", "reward_tokens", "reward_segments")
 
@@ -90,13 +88,12 @@ class PPOTask(Task):
             raise TrainError("config.align.ptx_coef > 0 needs ptx_source and a ptx_batch_size "
                              f"divisible by the data-parallel size {parallel}")
         self.prompt_len = d.seq_len - a.max_new_tokens
-        opt = dict(cfg.optimizer)
-        opt["peak_learning_rate"] = a.value_learning_rate
-        self.value_optimizer_config = OptimizerConfig(total_steps=cfg.num_train_steps, **opt)
-        self.optimizer = self.trainer.optimizer
-        self.value_optimizer = make_optimizer(self.value_optimizer_config)
+        opt = dict(cfg.optimizer, peak_learning_rate=a.value_learning_rate)
+        self.value_trainer = dataclasses.replace(
+            self.trainer, params=models.SCALAR_PARAMS,
+            optimizer_config=OptimizerConfig(total_steps=cfg.num_train_steps, **opt))
         self.sharding = shd.batch_sharding(self.mesh, 2)
-        self.reference = self.reward = self.reward_config = None
+        self.reference = self.reward = self._reward_weights = None
         self.tokens_per_step = gbs * d.seq_len
         self.ptx = None
         if not load:
@@ -110,64 +107,45 @@ class PPOTask(Task):
                              f"{self.prompt_len} prompt tokens at most)") from None
         self.prompts = align_data.PromptIterator(prompts, gbs // k, cfg.seed)
         if a.ptx_coef > 0:
-            config = data_lib.DataConfig(
-                source=a.ptx_source if a.ptx_source == "stdlib" else a.ptx_source.split(","),
-                kind="pretrain", seq_len=d.seq_len, batch_size=a.ptx_batch_size,
-                seed=cfg.seed, text_field=d.text_field, num_workers=d.num_workers,
-                num_epochs=None, shard_index=0, shard_count=1)
-            try:
-                self.ptx = data_lib.make_iterator(config, self.tokenizer, split="train")
-            except DataError as e:
-                raise TrainError(f"config.align.ptx_source: {e}") from None
-        reward, self.reward_config = load_reward_model(a.reward_model, self.model_config,
-                                                       self.mesh)
-        self.reward = cast_frozen(reward, a.frozen_dtype)
-        self._reward_init = reward  # the value model's start (a fresh run only)
+            self.ptx = data_iterator(cfg, self.tokenizer, a.ptx_batch_size, "train",
+                                     source=a.ptx_source, kind="pretrain",
+                                     what="config.align.ptx_source")
+        # Kept until the state exists: a fresh run's value model starts from these weights.
+        self._reward_weights = load_reward_model(a.reward_model, self.model_config, self.mesh)
+        self.reward = cast_frozen(self._reward_weights, a.frozen_dtype)
 
     # ------------------------------------------------------------------ state
     def state_shardings(self) -> PPOState:
-        policy = self.trainer.state_shardings()
-        config = self.model_config
-        v_params, v_opt = state_shardings_for(models.abstract_scalar_params(config),
-                                              models.scalar_shardings(config, self.mesh),
-                                              self.value_optimizer, self.mesh)
+        policy, value = self.trainer.state_shardings(), self.value_trainer.state_shardings()
         rep = shd.replicated(self.mesh)
         return PPOState(step=rep, params=policy.params, opt_state=policy.opt_state,
-                        value_params=v_params, value_opt_state=v_opt,
+                        value_params=value.params, value_opt_state=value.opt_state,
                         moments={k: rep for k in ("count", "mean", "var")},
                         nonfinite_steps=rep, last_nonfinite_step=rep)
 
     def _fresh(self, policy, value) -> PPOState:
         zero = jnp.zeros((), jnp.int32)
-        return PPOState(step=zero, params=policy, opt_state=self.optimizer.init(policy),
-                        value_params=value, value_opt_state=self.value_optimizer.init(value),
+        return PPOState(step=zero, params=policy, opt_state=self.trainer.optimizer.init(policy),
+                        value_params=value,
+                        value_opt_state=self.value_trainer.optimizer.init(value),
                         moments=losses.moments_init(), nonfinite_steps=zero,
                         last_nonfinite_step=zero)
 
-    def _policy_params(self, rng):
-        if self.cfg.init_from:
-            return initial_params(self.cfg, self.model_config, self.trainer.param_shardings())
-        return init_params(self.model_config, rng)
-
     def initial_state(self, rng):
-        policy = self._policy_params(rng)
-        self.reference = cast_frozen(policy, self.cfg.align.frozen_dtype)
-        dtype = jnp.dtype(self.model_config.param_dtype)
-
-        def make(policy, value):
-            return self._fresh(policy, jax.tree.map(lambda x: x.astype(dtype), value))
-
+        policy = initial_lm_params(self.cfg, self.trainer, rng)
+        self.reference = frozen_reference(self.cfg, self.trainer, policy)
         with shd.activation_sharding(self.mesh):
-            return jax.jit(make, out_shardings=self.state_shardings())(policy,
-                                                                       self._reward_init)
+            return jax.jit(self._fresh, out_shardings=self.state_shardings())(
+                policy, self._reward_weights)
 
     def abstract_state(self) -> PPOState:
-        config = self.model_config
-        shapes = jax.eval_shape(lambda: self._fresh(
-            init_params(config, jax.random.PRNGKey(0)),
-            models.init_scalar_params(config, jax.random.PRNGKey(0))))
-        return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
-                            shapes, self.state_shardings())
+        policy, value = self.trainer.abstract_state(), self.value_trainer.abstract_state()
+        scalar = jax.ShapeDtypeStruct((), jnp.float32, sharding=shd.replicated(self.mesh))
+        return PPOState(step=policy.step, params=policy.params, opt_state=policy.opt_state,
+                        value_params=value.params, value_opt_state=value.opt_state,
+                        moments={k: scalar for k in ("count", "mean", "var")},
+                        nonfinite_steps=policy.nonfinite_steps,
+                        last_nonfinite_step=policy.last_nonfinite_step)
 
     # ------------------------------------------------------------------ data
     def next_batch(self):
@@ -298,41 +276,25 @@ class PPOTask(Task):
             policy_objective, has_aux=True)(s.params)
         (v_loss, v_clip), v_grads = jax.value_and_grad(value_objective, has_aux=True)(
             s.value_params)
-        p_upd, p_opt = self.optimizer.update(p_grads, s.opt_state, s.params)
-        v_upd, v_opt = self.value_optimizer.update(v_grads, s.value_opt_state, s.value_params)
-        p_norm, v_norm = optax.tree.norm(p_grads), optax.tree.norm(v_grads)
-        ok = jnp.all(jnp.isfinite(jnp.stack([p_loss, v_loss, p_norm, v_norm,
-                                             optax.tree.norm(p_upd), optax.tree.norm(v_upd)])))
-
-        def keep(apply, new, old):
-            return jax.tree.map(lambda n, o: jnp.where(apply, n, o), new, old)
-
+        p_params, p_opt, p_norm, p_ok = checked_update(self.trainer.optimizer, p_grads,
+                                                       s.opt_state, s.params)
+        v_params, v_opt, v_norm, v_ok = checked_update(self.value_trainer.optimizer, v_grads,
+                                                       s.value_opt_state, s.value_params)
+        ok = p_ok & v_ok & jnp.isfinite(p_loss) & jnp.isfinite(v_loss)
         p_on, v_on = policy_on & ok, value_on & ok
-        s = s.replace(params=keep(p_on, optax.apply_updates(s.params, p_upd), s.params),
-                      opt_state=keep(p_on, p_opt, s.opt_state),
-                      value_params=keep(v_on, optax.apply_updates(s.value_params, v_upd),
-                                        s.value_params),
-                      value_opt_state=keep(v_on, v_opt, s.value_opt_state))
+        s = s.replace(params=keep_if(p_on, p_params, s.params),
+                      opt_state=keep_if(p_on, p_opt, s.opt_state),
+                      value_params=keep_if(v_on, v_params, s.value_params),
+                      value_opt_state=keep_if(v_on, v_opt, s.value_opt_state))
         stats = {"policy_loss": p_loss, "value_loss": v_loss, "clip_fraction": clip,
                  "value_clip_fraction": v_clip, "approx_kl": approx_kl, "ptx_loss": ptx_loss,
                  "grad_norm": p_norm, "value_grad_norm": v_norm}
         return s, stats, ok
 
     def _ptx_loss(self, params, batch, rng):
-        cfg = self.model_config
-
-        def head(hidden, _to_logits):
-            return fused_cross_entropy(hidden, params["lm_head"]["kernel"], batch["targets"],
-                                       dtype=jnp_dtype(cfg.dtype),
-                                       chunk_tokens=self.cfg.loss.chunk_tokens,
-                                       precision=precision(cfg))
-
-        out, _ = Qwen(cfg).apply({"params": params}, batch["inputs"],
-                                 positions=batch.get("positions"),
-                                 segment_ids=batch.get("segment_ids"), train=True,
-                                 rngs={"dropout": rng}, head=head)
-        mask = batch["loss_mask"].astype(jnp.float32)
-        return jnp.sum(out * mask) / jnp.maximum(jnp.sum(mask), 1.0)
+        """The next-token loss of the run's Trainer (config.loss) on a pretraining batch."""
+        loss_sum, count = self.trainer.loss_sums(params, batch, rng, True)
+        return loss_sum / jnp.maximum(count, 1.0)
 
     def jit_update(self):
         shardings = self.state_shardings()
@@ -342,26 +304,25 @@ class PPOTask(Task):
         return under_mesh(fn, self.mesh)
 
     # ------------------------------------------------------------------ the loop's step
-    def ensure_reference(self):
-        if self.reference is None:  # resumed: rebuilt from init_from or the seed
-            self.reference = cast_frozen(self._policy_params(jax.random.PRNGKey(self.cfg.seed)),
-                                         self.cfg.align.frozen_dtype)
-
-    def device_rollout(self, roll: dict) -> dict:
-        return global_arrays(roll, self.sharding, ROLLOUT_KEYS)
+    def abstract_rollout(self) -> dict:
+        """Shape structs of a batch of rollouts (see `layout`), batch-sharded."""
+        b, t = self.cfg.global_batch_size, self.cfg.data.seq_len
+        return {k: jax.ShapeDtypeStruct((b, t + 1) if k.startswith("reward") else (b, t),
+                                        jnp.int32, sharding=self.sharding)
+                for k in ROLLOUT_KEYS}
 
     def compile(self, state, batch, rng):
-        self.ensure_reference()
-        update = self.jit_update()
-        compiled = {}
+        if self.reference is None:  # a resumed run: rebuilt from init_from or the seed
+            self.reference = frozen_reference(self.cfg, self.trainer)
+        self._reward_weights = None  # the value model lives in the state from here on
+        update = self.jit_update().lower(state, self.reference, self.reward,
+                                         self.abstract_rollout(), batch.get("ptx"),
+                                         rng).compile()
 
         def step(state, batch, rng):
-            roll = self.device_rollout(self.rollout(state.params, batch["prompts"],
-                                                    int(state.step)))
-            args = (state, self.reference, self.reward, roll, batch.get("ptx"), rng)
-            if "fn" not in compiled:
-                compiled["fn"] = update.lower(*args).compile()
-            return compiled["fn"](*args)
+            roll = global_arrays(self.rollout(state.params, batch["prompts"], int(state.step)),
+                                 self.sharding, ROLLOUT_KEYS)
+            return update(state, self.reference, self.reward, roll, batch.get("ptx"), rng)
 
         return step
 

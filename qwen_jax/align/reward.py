@@ -10,17 +10,17 @@ eval_loss and eval_accuracy on held-out pairs.
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
-from jax.sharding import NamedSharding, PartitionSpec
-
 from qwen_jax.align import losses, models
-from qwen_jax.align.common import PairTask
-from qwen_jax.io.checkpoint import CheckpointError, load_run_params, run_kind
+from qwen_jax.align.common import PairTask, initial_lm_params, load_reward_model
+from qwen_jax.io.checkpoint import CheckpointError, run_kind
 from qwen_jax.parallel import sharding as shd
 from qwen_jax.train.build import TrainError
 from qwen_jax.train.optim import learning_rate_schedule
-from qwen_jax.train.steps import TrainState, guarded_update, state_shardings_for, under_mesh
+from qwen_jax.train.steps import guarded_update, under_mesh
 
 
 def pair_rewards(params, config, batch, *, train=False, rng=None):
@@ -37,54 +37,29 @@ class RewardTask(PairTask):
 
     def __init__(self, cfg, mesh=None, load: bool = True):
         super().__init__(cfg, mesh, load)
-        self.optimizer = self.trainer.optimizer
-        self.tokens_per_step = 2 * cfg.global_batch_size * cfg.data.seq_len
-        self._eval_fn = None
+        self.lm_trainer = self.trainer  # reads a language model given as init_from
+        self.trainer = dataclasses.replace(self.trainer, params=models.SCALAR_PARAMS)
 
     # ------------------------------------------------------------------ state
-    def state_shardings(self):
-        config = self.model_config
-        params, opt = state_shardings_for(models.abstract_scalar_params(config),
-                                          models.scalar_shardings(config, self.mesh),
-                                          self.optimizer, self.mesh)
-        rep = NamedSharding(self.mesh, PartitionSpec())
-        return TrainState(step=rep, params=params, opt_state=opt, nonfinite_steps=rep,
-                          last_nonfinite_step=rep)
-
-    def _fresh(self, params):
-        zero = jnp.zeros((), jnp.int32)
-        return TrainState(step=zero, params=params, opt_state=self.optimizer.init(params),
-                          nonfinite_steps=zero, last_nonfinite_step=zero)
-
     def initial_state(self, rng):
         """From init_from: a language model (the head is new) or a reward run (PMP, then
         finetuning: its head is kept); else random."""
-        backbone = None
-        if self.cfg.init_from:
-            try:
-                if run_kind(self.cfg.init_from) == "reward":
-                    backbone = load_run_params(self.cfg.init_from, models.abstract_scalar_params(
-                        self.model_config, models.scalar_shardings(self.model_config,
-                                                                   self.mesh)))
-            except CheckpointError as e:
-                raise TrainError(f"config.init_from: {e}") from None
-            if backbone is None:
-                backbone = self.initial_lm_params(rng)
-        shardings = self.state_shardings()
-        dtype = jnp.dtype(self.model_config.param_dtype)
-
-        def make(rng, backbone):
-            params = models.init_scalar_params(self.model_config, rng, backbone)
-            return self._fresh(jax.tree.map(lambda x: x.astype(dtype), params))
-
+        cfg = self.cfg
+        if not cfg.init_from:
+            return self.trainer.init_state(rng)
+        try:
+            from_reward = run_kind(cfg.init_from) == "reward"
+        except CheckpointError as e:
+            raise TrainError(f"config.init_from: {e}") from None
+        if from_reward:
+            backbone = load_reward_model(cfg.init_from, self.model_config, self.mesh,
+                                         "config.init_from")
+        else:
+            backbone = initial_lm_params(cfg, self.lm_trainer, rng)
         with shd.activation_sharding(self.mesh):
-            return jax.jit(make, out_shardings=shardings)(rng, backbone)
-
-    def abstract_state(self):
-        shapes = jax.eval_shape(lambda: self._fresh(models.init_scalar_params(
-            self.model_config, jax.random.PRNGKey(0))))
-        return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
-                            shapes, self.state_shardings())
+            params = jax.jit(lambda r, b: models.init_scalar_params(self.model_config, r, b),
+                             out_shardings=self.trainer.param_shardings())(rng, backbone)
+        return self.trainer.state_from_params(params)
 
     # ------------------------------------------------------------------ steps
     def _stats(self, rc, rr, batch):
@@ -104,7 +79,7 @@ class RewardTask(PairTask):
             return stats["loss"], stats
 
         (loss, stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-        new_state, grad_norm = guarded_update(state, grads, loss, self.optimizer,
+        new_state, grad_norm = guarded_update(state, grads, loss, self.trainer.optimizer,
                                               self.cfg.nonfinite)
         return new_state, {**stats, "grad_norm": grad_norm,
                            "learning_rate": learning_rate_schedule(
@@ -119,7 +94,7 @@ class RewardTask(PairTask):
 
     def jit_train_step(self):
         rep = shd.replicated(self.mesh)
-        shardings = self.state_shardings()
+        shardings = self.trainer.state_shardings()
         fn = jax.jit(self.train_step, in_shardings=(shardings, None, rep),
                      out_shardings=(shardings, rep), donate_argnums=(0,))
         return under_mesh(fn, self.mesh)

@@ -228,7 +228,7 @@ def load_params(directory, config: QwenConfig | None = None, shardings=None, as_
             f"{_shape_fields(stored)} vs requested {_shape_fields(config)}")
     config = config or stored
     located = locate(directory)
-    kind = run_kind(directory)
+    kind = _params_kind(located)
     if kind != "lm":
         raise CheckpointError(f"{directory}: a {kind!r} run (its parameters are not a language "
                               "model's: no lm_head); a reward run is the reward_model of PPO")
@@ -253,10 +253,13 @@ def load_params(directory, config: QwenConfig | None = None, shardings=None, as_
 
 
 def run_kind(directory) -> str:
-    """What a checkpoint's parameters are: "lm" (a language model: every parameter
-    checkpoint and next-token run), or the kind of run recorded with its step ("reward",
-    "dpo", "ppo"; DPO and PPO runs hold a language model, the policy)."""
-    located = locate(directory)
+    """What a checkpoint's parameters are: "lm", a language model (every parameter
+    checkpoint; next-token, DPO and PPO runs, whose parameters are the policy), or "reward"
+    (a reward run: a scalar head, no lm_head), as recorded with the run's steps."""
+    return _params_kind(locate(directory))
+
+
+def _params_kind(located: Located) -> str:
     if located.step_dir is None:
         return "lm"
     kind = step_record(located.step_dir).get("kind", "lm")

@@ -77,16 +77,20 @@ def tokenizer_for(cfg, config: QwenConfig):
     return tok
 
 
-def data_iterator(cfg, tokenizer, global_batch: int, split: str):
+def data_iterator(cfg, tokenizer, global_batch: int, split: str, *, source: str | None = None,
+                  kind: str | None = None, what: str = "config.data"):
     """The one global sequence of batches. Every process reads all of it and keeps its
-    devices' rows (`_global_batch`), so the batches, and the iterator state saved with a
-    checkpoint, are the same for any number of processes: 2 processes x 4 devices train on
-    exactly the batches of 1 x 8, and a run resumes on another process count."""
+    devices' rows (`qwen_jax.train.task.global_arrays`), so the batches, and the iterator
+    state saved with a checkpoint, are the same for any number of processes: 2 processes x 4
+    devices train on exactly the batches of 1 x 8, and a run resumes on another process
+    count. `source` / `kind` replace config.data's (another stream, e.g. PPO-ptx's, named
+    `what` in errors)."""
     d = cfg.data
-    source = d.source if split == "train" else (d.eval_source or d.source)
+    if source is None:
+        source = d.source if split == "train" else (d.eval_source or d.source)
     sources = [s for s in str(source).split(",") if s]
     config = data_lib.DataConfig(
-        source=sources[0] if sources == ["stdlib"] else sources, kind=d.kind,
+        source=sources[0] if sources == ["stdlib"] else sources, kind=kind or d.kind,
         seq_len=d.seq_len, batch_size=global_batch, seed=cfg.seed,
         text_field=d.text_field, num_workers=d.num_workers, sft_packing=d.packing,
         num_epochs=None if split == "train" else 1, shard_index=0, shard_count=1)
@@ -94,7 +98,7 @@ def data_iterator(cfg, tokenizer, global_batch: int, split: str):
     try:
         return data_lib.make_iterator(config, tokenizer, split=split)
     except data_lib.DataError as e:
-        raise TrainError(f"config.data ({split}): {e}") from None
+        raise TrainError(f"{what} ({split}): {e}") from None
 
 
 def build_trainer(cfg, mesh=None) -> Trainer:

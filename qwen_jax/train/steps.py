@@ -51,6 +51,16 @@ class LossConfig:
             raise ValueError("loss: z_loss and label_smoothing need fused=True")
 
 
+@dataclasses.dataclass(frozen=True)
+class ParamSpec:
+    """How a Trainer's parameters are made and laid out: `init(config, rng)` and
+    `shardings(config, mesh)`. The default is the language model; qwen_jax.align.models has
+    the reward/value model's (the backbone with a scalar head)."""
+
+    init: Callable = init_params
+    shardings: Callable = param_shardings
+
+
 @flax.struct.dataclass
 class TrainState:
     step: jax.Array
@@ -70,6 +80,7 @@ class Trainer:
     microbatches: int = 1
     nonfinite: str = "stop"  # or "skip" (see the module doc)
     loss: LossConfig = LossConfig()
+    params: ParamSpec = ParamSpec()
 
     @property
     def model(self) -> Qwen:
@@ -81,13 +92,25 @@ class Trainer:
 
     # ------------------------------------------------------------------ shardings
     def param_shardings(self):
-        return param_shardings(self.model_config, self.mesh)
+        return self.params.shardings(self.model_config, self.mesh)
 
     def state_shardings(self) -> TrainState:
-        abstract = jax.eval_shape(lambda: init_params(self.model_config, jax.random.PRNGKey(0)))
-        params, opt = state_shardings_for(abstract, self.param_shardings(), self.optimizer,
-                                          self.mesh)
+        params = self.param_shardings()
+        abstract_params = jax.eval_shape(lambda: self.params.init(self.model_config,
+                                                                  jax.random.PRNGKey(0)))
+        abstract_opt = jax.eval_shape(self.optimizer.init, abstract_params)
         replicated = NamedSharding(self.mesh, PartitionSpec())
+        flat_params = dict(zip(_paths(abstract_params), jax.tree_util.tree_leaves(params)))
+
+        # Optimizer moments are laid out like the parameters they track.
+        def like_param(path, leaf):
+            for key in _path_suffixes(path):
+                if key in flat_params and flat_params[key] is not None:
+                    return flat_params[key]
+            return replicated
+
+        opt = jax.tree_util.tree_map_with_path(
+            lambda path, leaf: like_param(path, leaf) if leaf.ndim else replicated, abstract_opt)
         return TrainState(step=replicated, params=params, opt_state=opt,
                           nonfinite_steps=replicated, last_nonfinite_step=replicated)
 
@@ -107,7 +130,13 @@ class Trainer:
                           nonfinite_steps=zero, last_nonfinite_step=zero)
 
     def _init(self, rng) -> TrainState:
-        return self._fresh(init_params(self.model_config, rng))
+        return self._fresh(self.params.init(self.model_config, rng))
+
+    def random_params(self, rng):
+        """The parameters `init_state` starts from, without the optimizer state."""
+        with shd.activation_sharding(self.mesh):
+            return jax.jit(lambda r: self.params.init(self.model_config, r),
+                           out_shardings=self.param_shardings())(rng)
 
     def init_state(self, rng) -> TrainState:
         with shd.activation_sharding(self.mesh):
@@ -121,7 +150,7 @@ class Trainer:
                            out_shardings=shardings)(params)
 
     # ------------------------------------------------------------------ loss
-    def _loss_sums(self, params, batch, rng, train: bool):
+    def loss_sums(self, params, batch, rng, train: bool):
         """(sum of masked token losses, number of loss tokens) for one microbatch."""
         head = None
         if self.loss.fused:
@@ -159,7 +188,7 @@ class Trainer:
 
     def _train_step(self, state: TrainState, batch, rng):
         rng = jax.random.fold_in(rng, state.step)
-        grad_fn = jax.value_and_grad(lambda p, mb, r: self._loss_sums(p, mb, r, True),
+        grad_fn = jax.value_and_grad(lambda p, mb, r: self.loss_sums(p, mb, r, True),
                                      has_aux=True)
         micro = self._split_microbatches(batch)
 
@@ -188,7 +217,7 @@ class Trainer:
         return new_state, metrics
 
     def _eval_step(self, params, batch):
-        loss_sum, count = self._loss_sums(params, batch, None, False)
+        loss_sum, count = self.loss_sums(params, batch, None, False)
         return {"loss_sum": loss_sum, "tokens": count}
 
     # ------------------------------------------------------------------ jitted
@@ -207,43 +236,34 @@ class Trainer:
         return under_mesh(fn, self.mesh)
 
 
-def state_shardings_for(abstract_params, param_shardings, optimizer, mesh):
-    """(parameter shardings, optimizer-state shardings): optimizer moments are laid out like
-    the parameters they track, scalars replicated."""
-    abstract_opt = jax.eval_shape(optimizer.init, abstract_params)
-    replicated = NamedSharding(mesh, PartitionSpec())
-    flat_params = dict(zip(_paths(abstract_params), jax.tree_util.tree_leaves(param_shardings)))
-
-    def like_param(path, leaf):
-        if not leaf.ndim:
-            return replicated
-        for key in _path_suffixes(path):
-            if key in flat_params and flat_params[key] is not None:
-                return flat_params[key]
-        return replicated
-
-    return param_shardings, jax.tree_util.tree_map_with_path(like_param, abstract_opt)
+def checked_update(optimizer, grads, opt_state, params):
+    """One optimizer update: (new params, new optimizer state, gradient norm, finite), where
+    `finite` says the gradient and update norms are finite."""
+    updates, opt_state = optimizer.update(grads, opt_state, params)
+    grad_norm = optax.tree.norm(grads)
+    finite = jnp.isfinite(grad_norm) & jnp.isfinite(optax.tree.norm(updates))
+    return optax.apply_updates(params, updates), opt_state, grad_norm, finite
 
 
-def guarded_update(state, grads, loss, optimizer, nonfinite: str, *, allowed=True):
+def keep_if(apply, new, old):
+    """`new` where `apply` (a scalar bool) holds, else `old`, leaf by leaf."""
+    return jax.tree_util.tree_map(lambda n, o: jnp.where(apply, n, o), new, old)
+
+
+def guarded_update(state, grads, loss, optimizer, nonfinite: str):
     """`state` (with step, params, opt_state and the non-finite counters) after one optimizer
     update from `grads`, unless the loss, gradient or update is not finite (then unchanged
-    but counted; see the module doc) or `allowed` is False (unchanged, not counted).
-    Returns (state, gradient norm)."""
-    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
-    grad_norm = optax.tree.norm(grads)
-    finite = (jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-              & jnp.isfinite(optax.tree.norm(updates)))
+    but counted; see the module doc). Returns (state, gradient norm)."""
+    params, opt_state, grad_norm, finite = checked_update(optimizer, grads, state.opt_state,
+                                                          state.params)
+    finite = finite & jnp.isfinite(loss)
     halted = (nonfinite == "stop") & (state.nonfinite_steps > 0)
-    apply = finite & ~halted & allowed
+    apply = finite & ~halted
     bad = ~finite & ~halted
-    keep = lambda new, old: jax.tree_util.tree_map(  # noqa: E731
-        lambda n, o: jnp.where(apply, n, o), new, old)
     step = state.step + 1
     return state.replace(
-        step=step, params=keep(params, state.params),
-        opt_state=keep(opt_state, state.opt_state),
+        step=step, params=keep_if(apply, params, state.params),
+        opt_state=keep_if(apply, opt_state, state.opt_state),
         nonfinite_steps=state.nonfinite_steps + bad.astype(jnp.int32),
         last_nonfinite_step=jnp.where(bad, step, state.last_nonfinite_step)), grad_norm
 
