@@ -51,3 +51,15 @@ def qwen_tiktoken_path() -> pathlib.Path:
 @pytest.fixture(scope="session")
 def hf_configs_dir() -> pathlib.Path:
     return _must_exist(SHARED_REFERENCE / "hf-configs", "released configs folder", "(none)")
+
+
+@pytest.fixture(scope="session")
+def reward_tiny_run(tmp_path_factory):
+    """(workdir, completed process) of `train.py --config configs/reward_tiny.py`, once per
+    test process: the reward model tests read it and PPO takes it as its reward model."""
+    from runs import train
+
+    workdir = tmp_path_factory.mktemp("reward_tiny") / "run"
+    result = train("reward_tiny", workdir)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return workdir, result

@@ -160,13 +160,14 @@ def test_read_pairs_mixed_layouts(tmp_path):
     two = write_jsonl(tmp_path / "two.jsonl", [{"prompt": "p2", "chosen": "g", "rejected": "h"}])
     pairs = align_data.read_pairs([one, two], TOK)
     assert len(pairs) == 4
-    assert pairs[0]._replace(where="") == Pair(b("p1"), b("a") + [EOD], b("b") + [EOD], 0.0)
-    assert pairs[1]._replace(where="") == Pair(chatml_prompt_by_hand([("user", "q")]), b("c") + [IM_END],
-                            b("d") + [IM_END], 1.5)
-    assert pairs[2]._replace(where="") == Pair(chatml_prompt_by_hand([("user", "h")]), b("e") + [IM_END],
-                            b("f") + [IM_END], 0.0)
-    assert pairs[3]._replace(where="") == Pair(b("p2"), b("g") + [EOD], b("h") + [EOD], 0.0)
     assert pairs[0].where.endswith("one.jsonl:1") and pairs[3].where.endswith("two.jsonl:1")
+    pairs = [p._replace(where="") for p in pairs]
+    assert pairs[0] == Pair(b("p1"), b("a") + [EOD], b("b") + [EOD], 0.0)
+    assert pairs[1] == Pair(chatml_prompt_by_hand([("user", "q")]), b("c") + [IM_END],
+                            b("d") + [IM_END], 1.5)
+    assert pairs[2] == Pair(chatml_prompt_by_hand([("user", "h")]), b("e") + [IM_END],
+                            b("f") + [IM_END], 0.0)
+    assert pairs[3] == Pair(b("p2"), b("g") + [EOD], b("h") + [EOD], 0.0)
 
 
 @pytest.mark.parametrize("bad, message", [

@@ -3,10 +3,6 @@ from full logits, configs/dpo_tiny.py end to end through train.py, and its workd
 language model (the policy)."""
 
 import json
-import os
-import pathlib
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -19,31 +15,13 @@ from qwen_jax.data.tokenizer import ByteTokenizer
 from qwen_jax.model.config import preset
 from qwen_jax.model.transformer import Qwen, init_params
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
+import runs
+from scaled_weights import scaled_params
+
 TOK = ByteTokenizer()
 CONFIG = preset("tiny", dtype="float32", param_dtype="float32", matmul_precision="highest",
                 attention_impl="xla")
 SEQ_LEN = 48
-
-
-def scaled_params(config, seed=0):
-    """O(1)-scaled weights (logits of std ~1, far from uniform) so that a wrong shift or mask
-    shows in the log-probabilities; init_params' std 0.02 gives near-uniform ones."""
-    params = init_params(config, jax.random.PRNGKey(seed))
-    rng = np.random.default_rng(seed)
-
-    def draw(path, x):
-        names = [p.key for p in path]
-        if names[-1] == "weight":
-            return (1.0 + 0.2 * rng.standard_normal(x.shape)).astype(np.float32)
-        if names[-1] == "bias":
-            return (0.5 * rng.standard_normal(x.shape)).astype(np.float32)
-        if names[-1] == "embedding":
-            return rng.standard_normal(x.shape).astype(np.float32)
-        fan_in = {"down": config.mlp_width}.get(names[-2], config.hidden_size)
-        return (rng.standard_normal(x.shape) / np.sqrt(fan_in)).astype(np.float32)
-
-    return jax.tree_util.tree_map_with_path(draw, params)
 
 
 @pytest.fixture(scope="module")
@@ -154,19 +132,14 @@ def test_token_logprobs_entropy(batch):
 @pytest.fixture(scope="module")
 def dpo_run(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("dpo") / "run"
-    env = dict(os.environ, JAX_PLATFORMS="cpu",
-               XLA_FLAGS="--xla_force_host_platform_device_count=1")
-    result = subprocess.run([sys.executable, str(ROOT / "train.py"), "--config",
-                             str(ROOT / "configs/dpo_tiny.py"), "--workdir", str(workdir)],
-                            cwd=ROOT, env=env, capture_output=True, text=True, timeout=900,
-                            check=False)
+    result = runs.train("dpo_tiny", workdir)
     assert result.returncode == 0, result.stderr[-3000:]
     return workdir, result
 
 
 def test_dpo_tiny_learns_the_preference(dpo_run):
     workdir, result = dpo_run
-    recs = [json.loads(x) for x in (workdir / "metrics.jsonl").read_text().splitlines()]
+    recs = runs.records(workdir)
     evals = [r for r in recs if "eval_accuracy" in r]
     assert [r["step"] for r in evals] == [100, 200, 300]
     print(f"dpo_tiny eval_accuracy: {[r['eval_accuracy'] for r in evals]}")
@@ -197,7 +170,7 @@ def test_dpo_workdir_loads_as_a_language_model(dpo_run):
     assert not np.array_equal(step100["lm_head"]["kernel"], params["lm_head"]["kernel"])
     # the loaded policy against the run's reference (a random start from the seed, 0) gives
     # the logged eval_accuracy on the held-out pairs of the run
-    evals = [json.loads(x) for x in (workdir / "metrics.jsonl").read_text().splitlines()]
+    evals = runs.records(workdir)
     logged = [r for r in evals if "eval_accuracy" in r][-1]["eval_accuracy"]
     pairs = align_data.load_pairs("toy:digits", TOK, 32, "eval", 0)
     assert len(pairs) == 256

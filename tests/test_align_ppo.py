@@ -2,30 +2,17 @@
 the KL bounded, a stopped and resumed run logs exactly the uninterrupted run's metrics, the
 policy is a language model like any run's, and bad reward models are one-line errors."""
 
-import json
-import os
-import pathlib
-import subprocess
-import sys
-
 import numpy as np
 import pytest
 
 from qwen_jax.align.ppo import layout
 from qwen_jax.io.checkpoint import load_params
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
+import runs
+from runs import records
 
-
-def cli(*args, timeout=600):
-    env = dict(os.environ, JAX_PLATFORMS="cpu")
-    return subprocess.run([sys.executable, "train.py", *map(str, args)], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=timeout)
-
-
-def records(workdir):
-    return [json.loads(line) for line in (pathlib.Path(workdir) / "metrics.jsonl")
-            .read_text().splitlines()]
+def cli(*args):
+    return runs.cli("train.py", *args)
 
 
 def error_line(result) -> str:
@@ -37,11 +24,8 @@ def error_line(result) -> str:
 
 
 @pytest.fixture(scope="module")
-def reward_run(tmp_path_factory):
-    workdir = tmp_path_factory.mktemp("reward") / "run"
-    result = cli("--config", "configs/reward_tiny.py", "--workdir", workdir)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return workdir
+def reward_run(reward_tiny_run):
+    return reward_tiny_run[0]
 
 
 @pytest.fixture(scope="module")

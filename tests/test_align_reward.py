@@ -3,10 +3,6 @@ Qwen2ForSequenceClassification, configs/reward_tiny.py end to end through train.
 resume, bad input, and a reward workdir refused as a language model."""
 
 import json
-import os
-import pathlib
-import subprocess
-import sys
 
 import jax
 import numpy as np
@@ -18,9 +14,11 @@ from qwen_jax.align import models
 from qwen_jax.data.tokenizer import ByteTokenizer
 from qwen_jax.io.qwen2 import qwen2_config, to_qwen2_state_dict
 from qwen_jax.model.config import preset
-from qwen_jax.model.transformer import init_params
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
+import runs
+from runs import cli, one_error_line, records
+from scaled_weights import scaled_params
+
 TOK = ByteTokenizer()
 # Qwen2 has no dynamic NTK / LogN: ours runs with both off.
 CONFIG = preset("tiny", use_dynamic_ntk=False, use_logn_attn=False, dtype="float32",
@@ -28,54 +26,15 @@ CONFIG = preset("tiny", use_dynamic_ntk=False, use_logn_attn=False, dtype="float
 
 
 # ------------------------------------------------------------------------------ helpers
-def cli(*args, module=None, devices=1, timeout=600):
-    env = dict(os.environ, JAX_PLATFORMS="cpu",
-               XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
-    cmd = [sys.executable] + (["-m", module] if module else []) + [str(a) for a in args]
-    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=timeout, check=False)
-
-
 def train(workdir, *overrides, devices=1):
-    return cli(ROOT / "train.py", "--config", ROOT / "configs/reward_tiny.py", "--workdir",
-               workdir, *overrides, devices=devices)
-
-
-def records(workdir):
-    lines = (pathlib.Path(workdir) / "metrics.jsonl").read_text().splitlines()
-    return [json.loads(line) for line in lines]
+    return runs.train("reward_tiny", workdir, *overrides, devices=devices)
 
 
 def train_losses(workdir):
     return {r["step"]: r["loss"] for r in records(workdir) if "loss" in r}
 
 
-def one_error_line(stderr):
-    errors = [line for line in stderr.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1, stderr[-3000:]
-    assert "Traceback" not in stderr, stderr[-3000:]
-    return errors[0]
-
-
 # ------------------------------------------------------------------------------ vs transformers
-def scaled_params(config, seed=0):
-    """O(1)-scaled weights (unit-variance activations) so that a wrong mapping or a wrong
-    pooling position shows; init_params' std 0.02 would leave the rewards near zero."""
-    params = init_params(config, jax.random.PRNGKey(seed))
-    rng = np.random.default_rng(seed)
-
-    def draw(path, x):
-        names = [p.key for p in path]
-        if names[-1] == "weight":  # RMSNorm
-            return (1.0 + 0.2 * rng.standard_normal(x.shape)).astype(np.float32)
-        if names[-1] == "bias":
-            return (0.5 * rng.standard_normal(x.shape)).astype(np.float32)
-        if names[-1] == "embedding":
-            return rng.standard_normal(x.shape).astype(np.float32)
-        fan_in = {"down": config.mlp_width}.get(names[-2], config.hidden_size)
-        return (rng.standard_normal(x.shape) / np.sqrt(fan_in)).astype(np.float32)
-
-    return jax.tree_util.tree_map_with_path(draw, params)
 
 
 def test_reward_head_matches_transformers_sequence_classification():
@@ -137,11 +96,8 @@ def test_last_index_left_and_right_padding():
 
 # ------------------------------------------------------------------------------ end to end
 @pytest.fixture(scope="module")
-def reward_run(tmp_path_factory):
-    workdir = tmp_path_factory.mktemp("reward") / "run"
-    result = train(workdir)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return workdir, result
+def reward_run(reward_tiny_run):
+    return reward_tiny_run
 
 
 def test_reward_tiny_learns_the_preference(reward_run):

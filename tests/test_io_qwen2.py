@@ -15,7 +15,9 @@ from qwen_jax.io.qwen2 import (
     to_qwen2_state_dict,
 )
 from qwen_jax.model.config import preset
-from qwen_jax.model.transformer import Qwen, init_params, unstack_layers
+from qwen_jax.model.transformer import Qwen, unstack_layers
+
+from scaled_weights import scaled_params as random_params
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -24,29 +26,6 @@ transformers = pytest.importorskip("transformers")
 CONFIG = preset("tiny", use_dynamic_ntk=False, use_logn_attn=False, dtype="float32",
                 param_dtype="float32", matmul_precision="highest", attention_impl="xla")
 BATCH, LENGTH = 2, 80
-
-
-def random_params(config, seed=0):
-    """O(1)-scaled weights (unit-variance activations, logits of std ~1) so that a wrong
-    mapping shows in the logits; init_params' std 0.02 would leave them near zero."""
-    params = init_params(config, jax.random.PRNGKey(seed))
-    rng = np.random.default_rng(seed)
-
-    def draw(path, x):
-        names = [p.key for p in path]
-        shape = x.shape
-        if names[-1] == "weight":  # RMSNorm
-            return (1.0 + 0.2 * rng.standard_normal(shape)).astype(np.float32)
-        if names[-1] == "bias":
-            return (0.5 * rng.standard_normal(shape)).astype(np.float32)
-        if names[-1] == "embedding":
-            return rng.standard_normal(shape).astype(np.float32)
-        # kernels [(L,) in..., out...]: the fan-in is H, except o (N*D) and down (F)
-        fan_in = {"o": config.hidden_size, "down": config.mlp_width}.get(names[-2],
-                                                                         config.hidden_size)
-        return (rng.standard_normal(shape) / np.sqrt(fan_in)).astype(np.float32)
-
-    return jax.tree_util.tree_map_with_path(draw, params)
 
 
 @pytest.fixture(scope="module")
