@@ -2,10 +2,11 @@
 the KL bounded, a stopped and resumed run logs exactly the uninterrupted run's metrics, the
 policy is a language model like any run's, and bad reward models are one-line errors."""
 
+import jax
 import numpy as np
 import pytest
 
-from qwen_jax.align.ppo import layout
+from qwen_jax.align.ppo import PPOTask, layout
 from qwen_jax.io.checkpoint import load_params
 
 import runs
@@ -53,6 +54,52 @@ def test_layout_of_rollouts():
     np.testing.assert_array_equal(out["reward_segments"][0], [0, 1, 1, 1, 1, 1, 1, 0, 0])
     np.testing.assert_array_equal(out["reward_segments"][1], [0, 0, 0, 1, 1, 1, 1, 1, 1])
     assert out["reward_tokens"][1, 8] == eod
+
+
+def _update_with_microbatches(k: int):
+    """One PPO step (experience, 2 epochs x 2 minibatches with PPO-ptx) of ppo_tiny on fixed
+    random weights and rollouts, its experience and gradients split into k row groups."""
+    from configs.ppo_tiny import get_config
+    cfg = get_config()
+    cfg.microbatches = k
+    cfg.align.value_warmup_steps = 0
+    cfg.align.ptx_coef, cfg.align.ptx_source, cfg.align.ptx_batch_size = 0.5, "unused", 16
+    task = PPOTask(cfg, load=False)
+    rng = np.random.default_rng(0)
+    b, t, p = cfg.global_batch_size, cfg.data.seq_len, task.prompt_len
+    prompts = [rng.integers(3, 250, rng.integers(1, p + 1)).tolist() for _ in range(b)]
+    n = rng.integers(1, cfg.align.max_new_tokens + 1, b)
+    roll = layout(prompts, rng.integers(3, 250, (b, t)), n, (n % 2) * n, p, t, 0)
+    ptx_tokens = rng.integers(3, 250, (16, t + 1)).astype(np.int32)
+    ptx = {"inputs": ptx_tokens[:, :-1], "targets": ptx_tokens[:, 1:],
+           "loss_mask": (rng.random((16, t)) < 0.8).astype(np.int32),
+           "segment_ids": np.ones((16, t), np.int32),
+           "positions": np.broadcast_to(np.arange(t, dtype=np.int32), (16, t))}
+    policy = task.trainer.random_params(jax.random.PRNGKey(1))
+    value = task.value_trainer.random_params(jax.random.PRNGKey(2))
+    task.reference = policy
+    start = jax.device_get((policy, value))
+    state = jax.jit(task._fresh, out_shardings=task.state_shardings())(policy, value)
+    state, metrics = task.jit_update()(state, policy, value, roll, ptx, jax.random.PRNGKey(3))
+    return jax.device_get(state), dict(jax.device_get(metrics), start=start[0],
+                                       value_start=start[1])
+
+
+def test_microbatches_give_the_whole_batch_update():
+    """Gradient accumulation over row groups is exact: the token means are weighted by each
+    group's share of the tokens (policy and value losses, and the ptx loss)."""
+    (one, m1), (two, m2) = _update_with_microbatches(1), _update_with_microbatches(2)
+    for key in ("policy_loss", "value_loss", "ptx_loss", "clip_fraction", "approx_kl",
+                "grad_norm", "value_grad_norm", "reward_mean", "kl", "entropy"):
+        np.testing.assert_allclose(m2[key], m1[key], rtol=2e-5, atol=1e-6, err_msg=key)
+    assert m1["ptx_loss"] > 0 and m1["policy_updated"] == 1
+    # grad_norm above pins the gradients' scale (AdamW's update hides it); the updates pin
+    # their direction (per tensor: AdamW magnifies float noise where a gradient is ~0).
+    for a, b, start in ((one.params, two.params, m1["start"]),
+                        (one.value_params, two.value_params, m1["value_start"])):
+        def close(x, y, x0):
+            assert np.linalg.norm(x - y) <= 1e-3 * np.linalg.norm(x - x0)
+        jax.tree.map(close, a, b, start)
 
 
 def test_ppo_raises_the_reward_with_the_kl_bounded(ppo_run):

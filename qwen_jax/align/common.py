@@ -30,7 +30,7 @@ def check_align_config(cfg) -> None:
     if a.frozen_dtype not in FROZEN_DTYPES:
         raise TrainError(f"config.align.frozen_dtype={a.frozen_dtype!r}: expected one of "
                          f"{FROZEN_DTYPES}")
-    if cfg.task != "lm" and cfg.microbatches != 1:
+    if cfg.task in ("reward", "dpo") and cfg.microbatches != 1:
         raise TrainError(f"config.microbatches={cfg.microbatches}: the {cfg.task} step takes "
                          "its whole batch at once (microbatches=1)")
     for key in ("dpo_beta", "clip_eps", "value_clip", "temperature"):

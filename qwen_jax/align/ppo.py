@@ -16,6 +16,8 @@ One step:
      next-token loss on a pretraining batch: PPO-ptx) with the policy's AdamW, and the clipped
      value loss with the value model's; the first `value_warmup_steps` steps update the value
      model only.
+`config.microbatches` splits the experience pass and each minibatch's gradients into row
+groups (gradient accumulation, exact: each group is weighted by its share of the tokens).
 Everything but the rollout is one compiled function. The state (both trained models, both
 optimizers, the running reward statistics) is checkpointed; the sampling seed is derived
 from the seed and the step, so a resumed run repeats an uninterrupted one exactly.
@@ -45,6 +47,8 @@ from qwen_jax.train.steps import checked_update, keep_if, under_mesh
 from qwen_jax.train.task import Task, global_arrays, next_batch
 
 ROLLOUT_KEYS = ("tokens", "segments", "response", "reward_tokens", "reward_segments")
+STAT_KEYS = ("policy_loss", "value_loss", "clip_fraction", "value_clip_fraction", "approx_kl",
+             "ptx_loss", "grad_norm", "value_grad_norm")
 
 
 @flax.struct.dataclass
@@ -78,15 +82,18 @@ class PPOTask(Task):
                              f"data.seq_len - 2 = {d.seq_len - 2} (seq_len holds prompt and "
                              "response)")
         parallel = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
-        mb = a.ppo_minibatches
-        if a.ppo_epochs < 1 or mb < 1 or gbs % mb or (gbs // mb) % parallel:
+        mb, micro = a.ppo_minibatches, cfg.microbatches
+        if micro < 1:
+            raise TrainError(f"config.microbatches={micro}: expected >= 1")
+        if a.ppo_epochs < 1 or mb < 1 or gbs % mb or (gbs // mb) % (parallel * micro):
             raise TrainError(f"config.align: ppo_epochs >= 1 and global_batch_size={gbs} split "
                              f"into ppo_minibatches={mb}, each divisible by the data-parallel "
-                             f"size {parallel}, expected")
+                             f"size {parallel} x microbatches={micro}, expected")
         if a.ptx_coef > 0 and (not a.ptx_source or a.ptx_batch_size < 1 or
-                               a.ptx_batch_size % parallel):
+                               a.ptx_batch_size % (parallel * micro)):
             raise TrainError("config.align.ptx_coef > 0 needs ptx_source and a ptx_batch_size "
-                             f"divisible by the data-parallel size {parallel}")
+                             f"divisible by the data-parallel size {parallel} x "
+                             f"microbatches={micro}")
         self.prompt_len = d.seq_len - a.max_new_tokens
         opt = dict(cfg.optimizer, peak_learning_rate=a.value_learning_rate)
         self.value_trainer = dataclasses.replace(
@@ -188,18 +195,52 @@ class PPOTask(Task):
                       self.cfg.data.seq_len, self.tokenizer.eod_id)
 
     # ------------------------------------------------------------------ the update
+    def _split(self, tree):
+        """[B, ...] -> [k, B/k, ...] (k = config.microbatches): microbatch i takes rows i,
+        i+k, ... so that each device's rows hold an equal share of every microbatch."""
+        k = self.cfg.microbatches
+        return jax.tree.map(
+            lambda x: jnp.swapaxes(x.reshape(x.shape[0] // k, k, *x.shape[1:]), 0, 1), tree)
+
+    @staticmethod
+    def _merge(tree):
+        """The inverse of `_split`."""
+        return jax.tree.map(
+            lambda x: jnp.swapaxes(x, 0, 1).reshape(-1, *x.shape[2:]), tree)
+
+    def _constrain(self, tree):
+        return jax.tree.map(lambda x: jax.lax.with_sharding_constraint(
+            x, shd.batch_sharding(self.mesh, x.ndim)), tree)
+
+    def experience(self, params, value_params, reference, reward, roll):
+        """The no-gradient pass over the rollouts: per-token log-probabilities of the policy
+        (with entropies) and reference, the values, and the reward-model scores, computed
+        `config.microbatches` row groups at a time (the activations of one group live at
+        once)."""
+        cfg, chunk = self.model_config, self.cfg.loss.chunk_tokens
+
+        def one(r):
+            r = self._constrain(r)
+            tokens, segments = r["tokens"], r["segments"]
+            logp, entropy = models.token_logprobs(params, cfg, tokens, segments,
+                                                  chunk_tokens=chunk, with_entropy=True)
+            ref = models.token_logprobs(reference, cfg, tokens, segments, chunk_tokens=chunk)
+            v = models.values(value_params, cfg, tokens, segments)[:, :-1]
+            score = models.rewards(reward, cfg, r["reward_tokens"], r["reward_segments"])
+            return logp, entropy, ref, v, score
+
+        if self.cfg.microbatches == 1:
+            return one(roll)
+        return self._merge(jax.lax.map(one, self._split(roll)))
+
     def update(self, state: PPOState, reference, reward, roll, ptx, rng):
         """Experience and the PPO updates from one batch of rollouts (module doc, 2-3)."""
-        a, cfg = self.cfg.align, self.model_config
-        chunk = self.cfg.loss.chunk_tokens
+        a = self.cfg.align
         rng = jax.random.fold_in(rng, state.step)
         tokens, segments = roll["tokens"], roll["segments"]
         m = roll["response"][:, 1:].astype(jnp.float32)
-        old_logp, entropy = models.token_logprobs(state.params, cfg, tokens, segments,
-                                                  chunk_tokens=chunk, with_entropy=True)
-        ref_logp = models.token_logprobs(reference, cfg, tokens, segments, chunk_tokens=chunk)
-        old_values = models.values(state.value_params, cfg, tokens, segments)[:, :-1]
-        score = models.rewards(reward, cfg, roll["reward_tokens"], roll["reward_segments"])
+        old_logp, entropy, ref_logp, old_values, score = self.experience(
+            state.params, state.value_params, reference, reward, roll)
         moments = losses.moments_update(state.moments, score)
         norm = score if a.reward_norm == "none" else losses.normalize_rewards(
             score, moments, a.reward_norm == "mean_std")
@@ -216,9 +257,7 @@ class PPOTask(Task):
         policy_on = state.step >= a.value_warmup_steps
         halted = (self.cfg.nonfinite == "stop") & (state.nonfinite_steps > 0)
         b, mb = tokens.shape[0], a.ppo_minibatches
-        totals = {k: jnp.zeros(()) for k in ("policy_loss", "value_loss", "clip_fraction",
-                                             "value_clip_fraction", "approx_kl", "ptx_loss",
-                                             "grad_norm", "value_grad_norm")}
+        totals = {k: jnp.zeros(()) for k in STAT_KEYS}
         bad = jnp.zeros((), bool)
         s = state
         for epoch in range(a.ppo_epochs):
@@ -251,50 +290,74 @@ class PPOTask(Task):
         return new, metrics
 
     def _minibatch(self, s: PPOState, sub, ptx, key, policy_on, value_on):
+        """One policy and one value update from a minibatch of experience, its gradients
+        accumulated over `config.microbatches` row groups. Each group's token means are
+        weighted by its share of the minibatch's response tokens (and the ptx loss by its
+        share of the ptx batch's loss tokens), so the sums are the whole minibatch's means."""
         a, cfg = self.cfg.align, self.model_config
-        chunk = self.cfg.loss.chunk_tokens
-        k_policy, k_value = jax.random.split(key)
+        chunk, k = self.cfg.loss.chunk_tokens, self.cfg.microbatches
+        total = jnp.maximum(jnp.sum(sub["m"]), 1.0)
+        ptx_total = None if ptx is None else jnp.maximum(
+            jnp.sum(ptx["loss_mask"].astype(jnp.float32)), 1.0)
 
-        def policy_objective(params):
-            logp = models.token_logprobs(params, cfg, sub["tokens"], sub["segments"],
-                                         train=True, rng=k_policy, chunk_tokens=chunk)
-            loss, clip, approx_kl = losses.policy_loss(logp, sub["old_logp"], sub["adv"],
-                                                       sub["m"], a.clip_eps)
-            ptx_loss = jnp.zeros(())
-            if ptx is not None:
-                ptx_loss = self._ptx_loss(params, ptx, k_policy)
-                loss = loss + a.ptx_coef * ptx_loss
-            return loss, (clip, approx_kl, ptx_loss)
+        def policy_objective(params, mb, ptx_mb, rng):
+            w = jnp.sum(mb["m"]) / total
+            logp = models.token_logprobs(params, cfg, mb["tokens"], mb["segments"],
+                                         train=True, rng=rng, chunk_tokens=chunk)
+            loss, clip, approx_kl = losses.policy_loss(logp, mb["old_logp"], mb["adv"],
+                                                       mb["m"], a.clip_eps)
+            loss, stats = loss * w, {"clip_fraction": clip * w, "approx_kl": approx_kl * w}
+            stats["ptx_loss"] = jnp.zeros(())
+            if ptx_mb is not None:
+                loss_sum, _ = self.trainer.loss_sums(params, ptx_mb, rng, True)
+                stats["ptx_loss"] = loss_sum / ptx_total
+                loss = loss + a.ptx_coef * stats["ptx_loss"]
+            return loss, stats
 
-        def value_objective(params):
-            v = models.values(params, cfg, sub["tokens"], sub["segments"], train=True,
-                              rng=k_value)[:, :-1]
-            return losses.value_loss(v, sub["old_values"], sub["returns"], sub["m"],
-                                     a.value_clip)
+        def value_objective(params, mb, rng):
+            w = jnp.sum(mb["m"]) / total
+            v = models.values(params, cfg, mb["tokens"], mb["segments"], train=True,
+                              rng=rng)[:, :-1]
+            loss, clip = losses.value_loss(v, mb["old_values"], mb["returns"], mb["m"],
+                                           a.value_clip)
+            return loss * w, clip * w
 
-        (p_loss, (clip, approx_kl, ptx_loss)), p_grads = jax.value_and_grad(
-            policy_objective, has_aux=True)(s.params)
-        (v_loss, v_clip), v_grads = jax.value_and_grad(value_objective, has_aux=True)(
-            s.value_params)
+        p_grad = jax.value_and_grad(policy_objective, has_aux=True)
+        v_grad = jax.value_and_grad(value_objective, has_aux=True)
+
+        def accumulate(carry, xs):
+            mb, ptx_mb, i = xs
+            mb, ptx_mb = self._constrain(mb), self._constrain(ptx_mb)
+            k_policy, k_value = jax.random.split(jax.random.fold_in(key, i) if k > 1 else key)
+            (p_loss, p_stats), pg = p_grad(s.params, mb, ptx_mb, k_policy)
+            (v_loss, v_clip), vg = v_grad(s.value_params, mb, k_value)
+            step = dict(p_stats, policy_loss=p_loss, value_loss=v_loss,
+                        value_clip_fraction=v_clip)
+            return jax.tree.map(jnp.add, carry, (pg, vg, step)), None
+
+        stat_zeros = {name: jnp.zeros(()) for name in
+                      ("policy_loss", "value_loss", "clip_fraction", "value_clip_fraction",
+                       "approx_kl", "ptx_loss")}
+        zeros = (jax.tree.map(jnp.zeros_like, s.params),
+                 jax.tree.map(jnp.zeros_like, s.value_params), stat_zeros)
+        if k == 1:
+            (p_grads, v_grads, stats), _ = accumulate(zeros, (sub, ptx, 0))
+        else:
+            (p_grads, v_grads, stats), _ = jax.lax.scan(
+                accumulate, zeros, (self._split(sub), None if ptx is None else
+                                    self._split(ptx), jnp.arange(k)))
         p_params, p_opt, p_norm, p_ok = checked_update(self.trainer.optimizer, p_grads,
                                                        s.opt_state, s.params)
         v_params, v_opt, v_norm, v_ok = checked_update(self.value_trainer.optimizer, v_grads,
                                                        s.value_opt_state, s.value_params)
-        ok = p_ok & v_ok & jnp.isfinite(p_loss) & jnp.isfinite(v_loss)
+        ok = (p_ok & v_ok & jnp.isfinite(stats["policy_loss"]) &
+              jnp.isfinite(stats["value_loss"]))
         p_on, v_on = policy_on & ok, value_on & ok
         s = s.replace(params=keep_if(p_on, p_params, s.params),
                       opt_state=keep_if(p_on, p_opt, s.opt_state),
                       value_params=keep_if(v_on, v_params, s.value_params),
                       value_opt_state=keep_if(v_on, v_opt, s.value_opt_state))
-        stats = {"policy_loss": p_loss, "value_loss": v_loss, "clip_fraction": clip,
-                 "value_clip_fraction": v_clip, "approx_kl": approx_kl, "ptx_loss": ptx_loss,
-                 "grad_norm": p_norm, "value_grad_norm": v_norm}
-        return s, stats, ok
-
-    def _ptx_loss(self, params, batch, rng):
-        """The next-token loss of the run's Trainer (config.loss) on a pretraining batch."""
-        loss_sum, count = self.trainer.loss_sums(params, batch, rng, True)
-        return loss_sum / jnp.maximum(count, 1.0)
+        return s, dict(stats, grad_norm=p_norm, value_grad_norm=v_norm), ok
 
     def jit_update(self):
         shardings = self.state_shardings()
