@@ -30,6 +30,7 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import multihost_utils
 
 from qwen_jax.cli import CLIError, Parser, add_model_args, load_model, run_cli
 from qwen_jax.infer import sampling
@@ -208,7 +209,7 @@ def generate(params, config: QwenConfig, prompts: Sequence[Sequence[int]],
                            num_new=num_new, return_logits=return_logits)
     if loop == "while":
         if stream is not None:
-            stream(*jax.device_get(info[:2]))
+            stream(*to_host(info[:2]))
         _STREAM[0] = stream
         try:
             state = _run_while(params, state, s=s, streaming=stream is not None)
@@ -225,14 +226,24 @@ def generate(params, config: QwenConfig, prompts: Sequence[Sequence[int]],
             pending = info
         if pending is not None:
             _deliver(pending, stream)
-    out, num, stop_len, logits = jax.device_get((state.out, state.num, state.stop_len,
-                                                 state.logits))
+    out, num, stop_len, logits = to_host((state.out, state.num, state.stop_len, state.logits))
     return GenerationResult(out, num, stop_len, logits, max_length,
                             cache_bytes(config, len(prompts), max_length))
 
 
+def to_host(tree):
+    """numpy copies of the arrays in `tree`; one that spans other processes' devices (a
+    multi-process mesh) is gathered from all of them first."""
+    def one(x):
+        if isinstance(x, jax.Array) and not x.is_fully_addressable:
+            return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+        return jax.device_get(x)
+
+    return jax.tree.map(one, tree)
+
+
 def _deliver(info, stream) -> bool:
-    token, active, done = jax.device_get(info)
+    token, active, done = to_host(info)
     if stream is not None:
         stream(token, active)
     return bool(done.all())
