@@ -32,6 +32,7 @@ def base_config() -> ml_collections.ConfigDict:
         "seq_len": 2048,
         "num_workers": 0,
         "packing": True,  # SFT: pack conversations (False: pad each to seq_len)
+        "loss_mask": "assistant",  # SFT: "assistant" (replies only) or "release" (finetune.py's)
     })
 
     c.mesh = (1, -1, 1)

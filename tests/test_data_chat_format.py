@@ -1,6 +1,8 @@
 """ChatML layout, SFT loss masks, stop ids and the byte-level fallback tokenizer."""
 
+import json
 import logging
+import pathlib
 
 import numpy as np
 import pytest
@@ -117,3 +119,163 @@ def test_byte_fallback_roundtrip_and_special_ids(monkeypatch, tmp_path, caplog):
     assert tok.convert_ids_to_tokens([104, 256]) == [b"h", "<|endoftext|>"]
     with pytest.raises(ValueError, match="outside the vocabulary"):
         tok.decode([464])
+
+
+# --- config.data.loss_mask: "assistant" (default) and "release" (the original finetune.py) ---
+
+_U1, _A1 = "Hi there", "Hello!"
+_U2, _A2 = "Grüße — 你好, ça va?", "Très bien 😀, 谢谢"
+_EXCHANGES = [{"role": "user", "content": _U1}, {"role": "assistant", "content": _A1},
+              {"role": "user", "content": _U2}, {"role": "assistant", "content": _A2}]
+
+
+def test_loss_mask_modes_token_by_token(tok):
+    """Both masks written out piece by piece, each piece encoded on its own."""
+    S, E, NL = [tok.im_start_id], [tok.im_end_id], tok.encode("\n")
+
+    def t(text):
+        return tok.encode(text, allow_special=False)
+
+    # (piece, mask in "assistant" mode, mask in "release" mode); None = not in that layout.
+    pieces = [
+        (S, 0, 1), (t("system"), 0, 0), (NL, 0, 0), (t("Be brief."), 0, 0), (E, 0, 1),
+        (NL, 0, 1),  # "assistant": separator before the next turn; "release": after <|im_end|>
+        (S, 0, 1), (t("user"), 0, 0), (NL, 0, 0), (t(_U1), 0, 0), (E, 0, 1),
+        (NL, 0, 1),
+        (S, 0, 1), (t("assistant"), 0, 0), (NL, 0, 0), (t(_A1), 1, 1), (E, 1, 1),
+        (NL, 0, 1),
+        (S, 0, 1), (t("user"), 0, 0), (NL, 0, 0), (t(_U2), 0, 0), (E, 0, 1),
+        (NL, 0, 1),
+        (S, 0, 1), (t("assistant"), 0, 0), (NL, 0, 0), (t(_A2), 1, 1), (E, 1, 1),
+        (NL, None, 1),  # the release ends every turn, the last included, with `\n`
+    ]
+    assert len(NL) == 1 and all(len(p) for p, _, _ in pieces)
+    system = [{"role": "system", "content": "Be brief."}]
+    # The release takes no system turn in the data; its system prompt is `system_message`
+    # (here `default_system`), inserted first.
+    convs = {"assistant": chat_format.encode_conversation(tok, system + _EXCHANGES),
+             "release": chat_format.encode_conversation(tok, _EXCHANGES, loss_mask="release",
+                                                        default_system="Be brief.")}
+    for column, mode in ((1, "assistant"), (2, "release")):
+        ids = [i for row in pieces if row[column] is not None for i in row[0]]
+        mask = [row[column] for row in pieces if row[column] is not None for _ in row[0]]
+        assert convs[mode].ids.tolist() == ids, mode
+        assert convs[mode].loss_mask.tolist() == mask, mode
+        assert convs[mode].loss_mask.dtype == np.int32 and not convs[mode].truncated
+    assert (convs["release"].ids[:-1] == convs["assistant"].ids).all()
+    trained = tok.decode(convs["release"].ids[convs["release"].loss_mask == 1])
+    assert trained == ("<|im_start|><|im_end|>\n" * 2 + f"<|im_start|>{_A1}<|im_end|>\n"
+                       + "<|im_start|><|im_end|>\n" + f"<|im_start|>{_A2}<|im_end|>\n")
+    # The default mode is "assistant".
+    default = chat_format.encode_conversation(tok, system + _EXCHANGES, loss_mask="assistant")
+    assert default.loss_mask.tolist() == convs["assistant"].loss_mask.tolist()
+
+
+IGNORE_TOKEN_ID = -100
+
+
+def _release_preprocess(tok, source, system_message=chat_format.DEFAULT_SYSTEM):
+    """The release finetune.py's `preprocess` for one conversation, transcribed line by line
+    (before its padding), with its HF tokenizer call `tokenizer(text).input_ids` = `encode`
+    with special-token text allowed (the HF QWenTokenizer's default)."""
+    def tokenizer(text):
+        class Out:
+            input_ids = tok.encode(text)
+        return Out
+
+    roles = {"user": "<|im_start|>user", "assistant": "<|im_start|>assistant"}
+    im_start, im_end = tok.im_start_id, tok.im_end_id
+    nl_tokens = tokenizer('\n').input_ids
+    _system = tokenizer('system').input_ids + nl_tokens
+    if roles[source[0]["from"]] != roles["user"]:
+        source = source[1:]
+    input_id, target = [], []
+    system = [im_start] + _system + tokenizer(system_message).input_ids + [im_end] + nl_tokens
+    input_id += system
+    target += [im_start] + [IGNORE_TOKEN_ID] * (len(system) - 3) + [im_end] + nl_tokens
+    for sentence in source:
+        role = roles[sentence["from"]]
+        _input_id = tokenizer(role).input_ids + nl_tokens + \
+            tokenizer(sentence["value"]).input_ids + [im_end] + nl_tokens
+        input_id += _input_id
+        if role == '<|im_start|>user':
+            _target = [im_start] + [IGNORE_TOKEN_ID] * (len(_input_id) - 3) + [im_end] + nl_tokens
+        else:
+            _target = [im_start] + [IGNORE_TOKEN_ID] * len(tokenizer(role).input_ids) + \
+                _input_id[len(tokenizer(role).input_ids) + 1:-2] + [im_end] + nl_tokens
+        target += _target
+    return input_id, target
+
+
+@pytest.mark.parametrize("case", ["two_exchanges", "assistant_first", "empty_and_repeats"])
+def test_release_mask_equals_transcribed_release(tok, case):
+    messages = {
+        "two_exchanges": _EXCHANGES,
+        # The release drops a first turn that is not the user's.
+        "assistant_first": [{"role": "assistant", "content": "Ich beginne."}] + _EXCHANGES,
+        "empty_and_repeats": [{"role": "user", "content": ""},
+                              {"role": "user", "content": "again"},
+                              {"role": "assistant", "content": ""},
+                              {"role": "assistant", "content": "done"}],
+    }[case]
+    source = [{"from": m["role"], "value": m["content"]} for m in messages]
+    input_id, target = _release_preprocess(tok, source)
+    conv = chat_format.encode_conversation(tok, messages, loss_mask="release")
+    assert conv.ids.tolist() == input_id
+    assert conv.loss_mask.tolist() == [int(x != IGNORE_TOKEN_ID) for x in target]
+    # Truncation cuts ids and mask like the release's `input_id[:max_len]`.
+    cut = chat_format.encode_conversation(tok, messages, max_len=20, loss_mask="release")
+    assert cut.truncated and cut.ids.tolist() == input_id[:20]
+    assert cut.loss_mask.tolist() == [int(x != IGNORE_TOKEN_ID) for x in target[:20]]
+
+
+def test_release_mode_refuses_system_turns_and_unknown_modes(tok):
+    # The release's role table has no "system": such data stops it (KeyError); here too.
+    with pytest.raises(ValueError, match="message 0: loss_mask='release' takes no system"):
+        chat_format.encode_conversation(
+            tok, [{"role": "system", "content": "s"}] + _EXCHANGES, loss_mask="release")
+    with pytest.raises(ValueError, match="message 2: a system message may only be the first"):
+        chat_format.encode_conversation(
+            tok, _EXCHANGES[:2] + [{"role": "system", "content": "s"}], loss_mask="release")
+    with pytest.raises(ValueError, match="unknown loss_mask 'all'; expected 'assistant' or"):
+        chat_format.encode_conversation(tok, _EXCHANGES, loss_mask="all")
+
+
+def test_config_loss_mask_reaches_the_pipeline(tmp_path, monkeypatch):
+    from qwen_jax.data import pipeline
+    from qwen_jax.train import build
+
+    monkeypatch.syspath_prepend(str(pathlib.Path(__file__).resolve().parents[1]))
+    from configs.base import base_config
+
+    tok = ByteTokenizer()
+    path = tmp_path / "chat.jsonl"
+    row = {"conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "ok"}]}
+    path.write_text((json.dumps(row) + "\n") * 3)  # identical rows: any one is the same
+    messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "ok"}]
+    cfg = base_config()
+    assert cfg.data.loss_mask == "assistant"
+    cfg.data.kind, cfg.data.source, cfg.data.seq_len = "sft", str(path), 80
+    cfg.data.packing = False
+    for mode in ("assistant", "release"):
+        cfg.data.loss_mask = mode
+        batch = next(build.data_iterator(cfg, tok, 2, "train"))
+        conv = chat_format.encode_conversation(tok, messages, loss_mask=mode)
+        n = len(conv.ids) - 1
+        assert n < 80
+        for r in range(2):
+            assert batch["targets"][r, :n].tolist() == conv.ids[1:].tolist()
+            assert batch["loss_mask"][r].tolist() == conv.loss_mask[1:].tolist() + [0] * (80 - n)
+        trained = tok.decode(batch["targets"][0][batch["loss_mask"][0] == 1])
+        assert trained == {"assistant": "ok<|im_end|>",
+                           "release": "<|im_end|>\n<|im_start|><|im_end|>\n"
+                                      "<|im_start|>ok<|im_end|>\n"}[mode]
+    cfg.data.loss_mask = "everything"
+    with pytest.raises(build.TrainError) as err:
+        build.data_iterator(cfg, tok, 2, "train")
+    assert str(err.value) == ("config.data.loss_mask='everything': expected 'assistant' or "
+                              "'release'")
+    bad = pipeline.DataConfig(source=str(path), kind="sft", loss_mask="everything")
+    with pytest.raises(pipeline.DataError) as err:
+        pipeline.make_iterator(bad, tok)
+    assert str(err.value) == "unknown loss_mask 'everything'; expected 'assistant' or 'release'"

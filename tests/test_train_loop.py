@@ -91,7 +91,7 @@ def test_restore_onto_another_mesh(tmp_path):
     resharded = tiny_config(mesh=(2, 2, 2))
     summary = run(resharded, tmp_path / "a")
     assert summary["final_step"] == 6
-    straight = run(cfg, tmp_path / "b")
+    run(cfg, tmp_path / "b")
     got, want = losses(tmp_path / "a"), losses(tmp_path / "b")
     np.testing.assert_allclose([got[s] for s in range(1, 7)], [want[s] for s in range(1, 7)],
                                atol=1e-4)

@@ -23,7 +23,8 @@ rows unless `drop_remainder`.
 SFT packing. Conversations (cut to seq_len + 1 tokens, counted as truncated) are never split:
 each contributes inputs = ids[:-1], targets = ids[1:], loss = mask[1:]; `sft_packing=True`
 places whole conversations one after another (one segment each) until the next does not fit,
-`False` gives one conversation per row. Padding as above.
+`False` gives one conversation per row. Padding as above. `loss_mask` ("assistant", or
+"release" for the original finetune.py's labels) picks the mask: chat_format's module doc.
 
 Checkpointing: the iterator is a `grain.DatasetIterator`; `get_state()` is a JSON-able dict
 (the grain state from just before the partly consumed document, plus the offset into it, the
@@ -44,6 +45,7 @@ from typing import Any
 import grain
 import numpy as np
 
+from qwen_jax.data import chat_format
 from qwen_jax.data.sources import (  # noqa: F401  (re-exported: the data API lives here)
     DataError,
     DocumentIndex,
@@ -76,6 +78,7 @@ class DataConfig:
     stdlib_limit: int | None = None     # first N stdlib files only (tests, quick runs)
     jsonl: bool | None = None           # None: decide by suffix (.jsonl / .ndjson)
     sft_packing: bool = True            # SFT: pack whole conversations (True) or pad (False)
+    loss_mask: str = "assistant"        # SFT: "assistant" or "release" (chat_format doc)
     drop_remainder: bool = False        # drop the partial last batch of a finite run
 
 
@@ -280,11 +283,15 @@ def make_sft_iterator(config: DataConfig, tokenizer, split: str = "train"
         raise DataError(f"make_sft_iterator needs kind='sft', got {config.kind!r}")
     if config.source == "stdlib":
         raise DataError("the stdlib corpus is pretraining text; SFT needs JSONL conversations")
+    if config.loss_mask not in chat_format.LOSS_MASKS:
+        raise DataError(f"unknown loss_mask {config.loss_mask!r}; expected 'assistant' or "
+                        "'release'")
     index = list_documents(config.source, split=split,
                            validation_fraction=config.validation_fraction,
                            jsonl=True if config.jsonl is None else config.jsonl)
     docs = document_dataset(config, index,
-                            EncodeConversation(index, tokenizer, config.seq_len + 1))
+                            EncodeConversation(index, tokenizer, config.seq_len + 1,
+                                               config.loss_mask))
     return PackedBatchIterator(docs, mode="pack" if config.sft_packing else "pad",
                                seq_len=config.seq_len, batch_size=config.batch_size,
                                eod_id=tokenizer.eod_id, drop_remainder=config.drop_remainder,

@@ -251,15 +251,19 @@ class TokenizeDocument:
 
 
 class EncodeConversation:
-    """Grain map: conversation index -> ChatML ids and loss mask, cut to `max_len` tokens."""
+    """Grain map: conversation index -> ChatML ids and loss mask, cut to `max_len` tokens.
+    `loss_mask`: "assistant" or "release" (`chat_format.encode_conversation`)."""
 
-    def __init__(self, index: DocumentIndex, tokenizer, max_len: int):
+    def __init__(self, index: DocumentIndex, tokenizer, max_len: int,
+                 loss_mask: str = "assistant"):
         self.index, self.tokenizer, self.max_len = index, tokenizer, max_len
+        self.loss_mask = loss_mask
 
     def __call__(self, i: int) -> dict:
         messages, replaced = conversation_messages(self.index, i)
         try:
-            conv = chat_format.encode_conversation(self.tokenizer, messages, self.max_len)
+            conv = chat_format.encode_conversation(self.tokenizer, messages, self.max_len,
+                                                   loss_mask=self.loss_mask)
         except ValueError as e:
             raise DataError(f"{self.index.where(i)}: {e}") from None
         return {"ids": conv.ids, "mask": conv.loss_mask, "replaced": replaced,

@@ -86,6 +86,9 @@ def data_iterator(cfg, tokenizer, global_batch: int, split: str, *, source: str 
     count. `source` / `kind` replace config.data's (another stream, e.g. PPO-ptx's, named
     `what` in errors)."""
     d = cfg.data
+    if d.loss_mask not in ("assistant", "release"):
+        raise TrainError(f"config.data.loss_mask={d.loss_mask!r}: expected 'assistant' or "
+                         "'release'")
     if source is None:
         source = d.source if split == "train" else (d.eval_source or d.source)
     sources = [s for s in str(source).split(",") if s]
@@ -93,6 +96,7 @@ def data_iterator(cfg, tokenizer, global_batch: int, split: str, *, source: str 
         source=sources[0] if sources == ["stdlib"] else sources, kind=kind or d.kind,
         seq_len=d.seq_len, batch_size=global_batch, seed=cfg.seed,
         text_field=d.text_field, num_workers=d.num_workers, sft_packing=d.packing,
+        loss_mask=d.loss_mask,
         num_epochs=None if split == "train" else 1, shard_index=0, shard_count=1)
     split = "train" if split == "train" or d.eval_source else "validation"
     try:
