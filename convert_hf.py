@@ -3,10 +3,18 @@ a conversion against a PyTorch reference.
 
     python convert_hf.py import <hf_dir_or_repo_id> <checkpoint_dir> [--dtype bfloat16|float32]
                                 [--overwrite]
-    python convert_hf.py export <checkpoint_dir> <hf_dir> [--max-shard-size 5GB] [--dtype ...]
+    python convert_hf.py export <checkpoint_dir> <hf_dir> [--format qwen|qwen2]
+                                [--max-shard-size 5GB] [--dtype ...] [--tiktoken PATH]
                                 [--overwrite]
     python convert_hf.py check <hf_dir_or_repo_id> <checkpoint_dir> [--length 512] [--batch 1]
                                [--seed 0] [--atol 1e-3] [--trust-remote-code]
+    python convert_hf.py tokenizer <qwen.tiktoken> <out_dir> [--model-max-length 8192]
+                                   [--overwrite]
+
+`export --format qwen` (the default) writes the original Qwen v1 layout, which runs with the
+checkpoint's own modeling code; `--format qwen2` writes transformers' native Qwen2 layout
+(`AutoModelForCausalLM` without remote code, or `Qwen2ForSequenceClassification` for a reward
+model) with the tokenizer as `tokenizer.json`. `tokenizer` writes that tokenizer alone.
 
 User errors (bad paths, bad or mismatched weights, bad flags) print one `error: ...` line on
 stderr and exit with status 1 (2 for bad command-line usage), leaving no output behind.
@@ -17,6 +25,7 @@ from __future__ import annotations
 import argparse
 import pathlib
 import re
+import shutil
 import sys
 
 _SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
@@ -53,13 +62,17 @@ def _positive(text: str) -> int:
     return value
 
 
+def _check_target(target: pathlib.Path, overwrite: bool) -> None:
+    if target.exists() and not overwrite and (not target.is_dir() or any(target.iterdir())):
+        raise UserError(f"{target}: already exists and is not empty (choose another directory "
+                        "or pass --overwrite)")
+
+
 def cmd_import(args) -> int:
     from qwen_jax.io import checkpoint, convert
 
     target = pathlib.Path(args.checkpoint_dir)
-    if target.exists() and not args.overwrite and (not target.is_dir() or any(target.iterdir())):
-        raise UserError(f"{target}: already exists and is not empty (choose another directory "
-                        "or pass --overwrite)")
+    _check_target(target, args.overwrite)
     hf_dir = convert.resolve_source(args.source)
     config = convert.load_hf_config(hf_dir)
     source_config = convert.read_hf_config_json(hf_dir)
@@ -78,27 +91,135 @@ def cmd_import(args) -> int:
 
 
 def cmd_export(args) -> int:
-    import jax
-
     from qwen_jax.io import checkpoint, convert
 
     target = pathlib.Path(args.hf_dir)
-    if target.exists() and not args.overwrite and (not target.is_dir() or any(target.iterdir())):
-        raise UserError(f"{target}: already exists and is not empty (choose another directory "
-                        "or pass --overwrite)")
+    _check_target(target, args.overwrite)
+    if args.format == "qwen2":
+        return export_qwen2(args, target)
+    if args.tiktoken:
+        raise UserError("--tiktoken is for --format qwen2 (the qwen format copies the "
+                        "checkpoint's qwen.tiktoken as it is)")
     params, config = checkpoint.load_params(args.checkpoint_dir, as_numpy=True)
     if args.dtype:
-        np_dtype = convert.DTYPES[args.dtype]
-        params = jax.tree.map(lambda x: x.astype(np_dtype, copy=False), params)
         config = config.replace(param_dtype=args.dtype)
     source = checkpoint.load_hf_source(args.checkpoint_dir) or {}
     config_json = convert.hf_config_dict(config, source.get("config"), source.get("dtype"))
     with checkpoint.atomic_directory(target, overwrite=args.overwrite) as tmp:
-        names = convert.write_hf(tmp, params, config, args.max_shard_size, config_json)
+        names = convert.write_hf(tmp, params, config, args.max_shard_size, config_json,
+                                 dtype=config.param_dtype)
         extras = checkpoint.copy_side_files(checkpoint.side_files_dir(args.checkpoint_dir),
                                             tmp)
     print(f"exported {args.checkpoint_dir} -> {target}: {len(names)} safetensors file(s), "
           f"{config.param_dtype}{', with ' + ', '.join(extras) if extras else ''}")
+    return 0
+
+
+# A reward model's padding id in the Qwen2 export: transformers reads the score at the last
+# token that is not this one, and the reward data ends every sequence with <|endoftext|> or
+# <|im_end|>, where ours reads it; <|extra_0|> occurs in neither.
+REWARD_PAD_TOKEN = "<|extra_0|>"
+
+
+def _export_tokenizer(args, byte_level: bool, config):
+    """(the vocabulary file to write as tokenizer.json or None, why there is none)."""
+    from qwen_jax.data.tokenizer import QWEN_NUM_RANKS, SPECIAL_TOKEN_STRINGS
+    from qwen_jax.io import checkpoint
+
+    if byte_level:
+        if args.tiktoken:
+            raise UserError(f"{args.checkpoint_dir}: trained with the byte-level tokenizer; "
+                            "--tiktoken would give it ids it was never trained on")
+        return None, ("no tokenizer files: the checkpoint was trained with the byte-level "
+                      "tokenizer, which has no Hugging Face tokenizer.json")
+    vocab = (pathlib.Path(args.tiktoken) if args.tiktoken
+             else checkpoint.tokenizer_path(args.checkpoint_dir))
+    if vocab is None:
+        return None, (f"no tokenizer files: {args.checkpoint_dir} has no "
+                      f"{checkpoint.TOKENIZER_FILE} (give one with --tiktoken PATH)")
+    needed = QWEN_NUM_RANKS + len(SPECIAL_TOKEN_STRINGS)
+    if config.vocab_size < needed:
+        raise UserError(f"{vocab}: the Qwen vocabulary has {needed:,} ids but the model's "
+                        f"vocab_size is {config.vocab_size:,}")
+    return vocab, None
+
+
+def export_qwen2(args, target: pathlib.Path) -> int:
+    """`export --format qwen2`: the Qwen2 layout, config.json, the generation config and the
+    tokenizer files, written into a temporary directory renamed into place."""
+    from qwen_jax.data.tokenizer import QWEN_NUM_RANKS, SPECIAL_TOKEN_STRINGS, ByteTokenizer
+    from qwen_jax.io import checkpoint, qwen2
+    from qwen_jax.io.hf_tokenizer import write_hf_tokenizer
+
+    source = args.checkpoint_dir
+    located = checkpoint.locate(source)
+    record = checkpoint.step_record(located.step_dir) if located.step_dir is not None else {}
+    byte_level = record.get("tokenizer") == checkpoint.BYTE_TOKENIZER
+    kind = checkpoint.run_kind(source)
+    config = checkpoint.load_config(source)
+    pad_token_id = pad_token = None
+    if kind == "reward":
+        from qwen_jax.align.models import abstract_scalar_params
+
+        params = checkpoint.load_run_params(source, abstract_scalar_params(config),
+                                            as_numpy=True)
+        first_special = ByteTokenizer().eod_id if byte_level else QWEN_NUM_RANKS
+        pad_token = REWARD_PAD_TOKEN
+        pad_token_id = first_special + SPECIAL_TOKEN_STRINGS.index(pad_token)
+        if pad_token_id >= config.vocab_size:
+            raise UserError(f"{source}: vocab_size {config.vocab_size} has no room for the "
+                            f"padding token {pad_token} (id {pad_token_id})")
+    elif kind == "lm":
+        params, config = checkpoint.load_params(source, as_numpy=True)
+    else:
+        raise UserError(f"{source}: a {kind!r} run; --format qwen2 exports language models and "
+                        "reward models")
+    dtype = args.dtype or config.param_dtype
+    config = config.replace(param_dtype=dtype)
+    try:
+        qwen2.qwen2_config(config)
+    except ValueError as e:
+        raise UserError(f"{source}: {e}") from None
+    vocab, no_tokenizer = _export_tokenizer(args, byte_level, config)
+    side = checkpoint.side_files_dir(source) / checkpoint.GENERATION_CONFIG_FILE
+    with checkpoint.atomic_directory(target, overwrite=args.overwrite) as tmp:
+        extras = []
+        if vocab is not None:  # first: a bad vocabulary file fails before the weights are written
+            extras += write_hf_tokenizer(vocab, tmp, model_max_length=config.seq_length,
+                                         **({"pad_token": pad_token} if pad_token else {}))
+        if side.is_file() and kind == "lm":
+            shutil.copyfile(side, tmp / side.name)
+            extras.append(side.name)
+        names = qwen2.write_qwen2(tmp, params, config, args.max_shard_size,
+                                  pad_token_id=pad_token_id)
+    arch = qwen2.ARCH_SCORE if kind == "reward" else qwen2.ARCH_LM
+    print(f"exported {source} -> {target}: Qwen2 layout ({arch}), {len(names)} safetensors "
+          f"file(s), {dtype}{', with ' + ', '.join(extras) if extras else ''}")
+    if pad_token_id is not None:
+        print(f"note: pad_token_id {pad_token_id} ({pad_token}): pad with it, not with "
+              "<|endoftext|>, so that transformers reads the score at the last real token")
+    if no_tokenizer:
+        print(f"note: {no_tokenizer}")
+    windows = any(config.window_sizes or ())
+    print(f"note: dynamic NTK and LogN attention{' and the per-layer windows' if windows else ''}"
+          f" (Qwen v1's inference extras past the trained length, seq_length="
+          f"{config.seq_length}) are not part of the Qwen2 layout: the export is exact within "
+          f"{config.seq_length} tokens")
+    return 0
+
+
+def cmd_tokenizer(args) -> int:
+    from qwen_jax.io.hf_tokenizer import CONFIG_FILE, TOKENIZER_FILE, write_hf_tokenizer
+
+    target = pathlib.Path(args.out_dir)
+    if target.exists() and not target.is_dir():
+        raise UserError(f"{target}: exists and is not a directory")
+    present = [n for n in (TOKENIZER_FILE, CONFIG_FILE) if (target / n).exists()]
+    if present and not args.overwrite:
+        raise UserError(f"{target}: already has {', '.join(present)} (pass --overwrite to "
+                        "replace)")
+    names = write_hf_tokenizer(args.tiktoken, target, model_max_length=args.model_max_length)
+    print(f"wrote {', '.join(names)} for {args.tiktoken} -> {target}")
     return 0
 
 
@@ -133,9 +254,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace an existing checkpoint")
     p.set_defaults(run=cmd_import)
 
-    p = sub.add_parser("export", help="qwen_jax checkpoint -> Hugging Face Qwen v1 layout")
+    p = sub.add_parser("export", help="qwen_jax checkpoint -> Hugging Face safetensors")
     p.add_argument("checkpoint_dir")
     p.add_argument("hf_dir")
+    p.add_argument("--format", choices=["qwen", "qwen2"], default="qwen",
+                   help="qwen: the original Qwen v1 layout (default); qwen2: transformers' "
+                        "native Qwen2 layout with tokenizer.json, loaded without remote code")
+    p.add_argument("--tiktoken", help="qwen2 format: the vocabulary for tokenizer.json "
+                                      "(default: the checkpoint's qwen.tiktoken)")
     p.add_argument("--max-shard-size", type=parse_size, default=parse_size("5GB"),
                    help="largest safetensors file before sharding with an index (default 5GB)")
     p.add_argument("--dtype", choices=dtypes, help="cast the weights (default: as stored)")
@@ -154,18 +280,28 @@ def build_parser() -> argparse.ArgumentParser:
                    help="reference = the checkpoint's own modeling code (runs code from "
                         "hf_dir) instead of transformers' Qwen2ForCausalLM")
     p.set_defaults(run=cmd_check)
+
+    p = sub.add_parser("tokenizer", help="qwen.tiktoken -> tokenizer.json + "
+                                         "tokenizer_config.json")
+    p.add_argument("tiktoken", help="the Qwen vocabulary file (qwen.tiktoken)")
+    p.add_argument("out_dir", help="directory for the two files (created if missing)")
+    p.add_argument("--model-max-length", type=_positive, default=8192,
+                   help="tokenizer_config.json's model_max_length (default 8192)")
+    p.add_argument("--overwrite", action="store_true", help="replace existing tokenizer files")
+    p.set_defaults(run=cmd_tokenizer)
     return parser
 
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    from qwen_jax.data.tokenizer import TokenizerFileError
     from qwen_jax.io.checkpoint import CheckpointError
     from qwen_jax.io.convert import ConversionError
     from qwen_jax.model.config import ConfigError
 
     try:
         return args.run(args)
-    except (UserError, ConversionError, CheckpointError, ConfigError) as e:
+    except (UserError, ConversionError, CheckpointError, ConfigError, TokenizerFileError) as e:
         print("error: " + " ".join(str(e).split()), file=sys.stderr)
         return 1
     except OSError as e:  # disk full, permissions: the path is what the user needs to see

@@ -279,3 +279,14 @@ def test_failed_write_leaves_nothing(tmp_path, monkeypatch):
         "tokenizer.json", "tokenizer_config.json"]
     assert sorted(p.name for p in out.iterdir()) == ["tokenizer.json", "tokenizer_config.json"]
     assert json.loads((out / "tokenizer_config.json").read_text())["model_max_length"] == 8192
+
+
+def test_pad_token(qwen_tiktoken_path, ours, tmp_path):
+    write_hf_tokenizer(qwen_tiktoken_path, tmp_path, pad_token="<|extra_0|>")
+    tok = transformers.AutoTokenizer.from_pretrained(tmp_path)
+    assert tok.pad_token_id == ours.special_tokens["<|extra_0|>"] != tok.eos_token_id
+    batch = tok(["a b c", "a"], padding=True)["input_ids"]
+    assert batch[1][1:] == [tok.pad_token_id] * 2
+    with pytest.raises(ValueError, match="not one of the special tokens"):
+        write_hf_tokenizer(qwen_tiktoken_path, tmp_path / "x", pad_token="<pad>")
+    assert not (tmp_path / "x").exists()

@@ -362,3 +362,39 @@ def test_offline_repo_id_says_so(tmp_path):
     assert len(lines) == 1 and lines[0].startswith("error: no-such-org/Qwen-Nothing: ")
     assert "HF_HUB_OFFLINE" in lines[0] and "pass the directory" in lines[0]
     no_leftovers(tmp_path / "ckpt")
+
+
+# ----------------------------------------------------------------------------- tokenizer files
+def test_tokenizer_command_writes_the_two_files(qwen_tiktoken_path, tmp_path):
+    transformers = pytest.importorskip("transformers")
+    from qwen_jax.data.tokenizer import QwenTokenizer
+
+    out = tmp_path / "tok"
+    result = cli("tokenizer", qwen_tiktoken_path, out, "--model-max-length", "2048")
+    assert result.returncode == 0, result.stderr
+    assert sorted(p.name for p in out.iterdir()) == ["tokenizer.json", "tokenizer_config.json"]
+    assert json.loads((out / "tokenizer_config.json").read_text())["model_max_length"] == 2048
+    hf = transformers.AutoTokenizer.from_pretrained(str(out))
+    ours = QwenTokenizer(qwen_tiktoken_path)
+    for text in ["Hello, world!", "<|im_start|>system\nYou are helpful.<|im_end|>", "数字 12345"]:
+        assert hf.encode(text) == ours.encode(text), text
+    before = (out / "tokenizer.json").stat().st_mtime_ns
+    result = cli("tokenizer", qwen_tiktoken_path, out)
+    assert result.returncode == 1 and "--overwrite" in result.stderr
+    assert (out / "tokenizer.json").stat().st_mtime_ns == before
+
+
+@pytest.mark.parametrize("case", ["missing", "garbage", "too-few-tokens"])
+def test_tokenizer_command_bad_file_leaves_nothing(case, qwen_tiktoken_path, tmp_path):
+    vocab = tmp_path / "qwen.tiktoken"
+    if case == "garbage":
+        vocab.write_bytes(b"\x00\xffnot base64 at all\n")
+    elif case == "too-few-tokens":
+        vocab.write_bytes(b"\n".join(qwen_tiktoken_path.read_bytes().splitlines()[:1000]))
+    out = tmp_path / "out" / "tok"
+    result = cli("tokenizer", vocab, out)
+    assert result.returncode == 1, result.stdout
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    assert str(vocab) in lines[0]
+    assert not out.exists() and not (tmp_path / "out").exists()

@@ -17,6 +17,8 @@ here with plain file I/O in row blocks rather than through the safetensors packa
 `safe_open` memory-maps whole shards (every page read stays in the resident set until the shard
 is closed) and its `save_file` wants a whole shard in memory. So import peaks near the size of
 the output parameters and export near the size of one tensor, however large the model.
+`write_safetensors` writes any layout from its tensor shapes and a tensor iterator: the
+original one here (`write_hf`), transformers' Qwen2 one in `qwen2.write_qwen2`.
 """
 
 from __future__ import annotations
@@ -331,14 +333,19 @@ def hf_config_dict(config: QwenConfig, source: dict | None = None,
     return merged
 
 
-def write_hf(out_dir, params, config: QwenConfig, max_shard_bytes: int = 5 * 2**30,
-             config_json: dict | None = None) -> list[str]:
-    """Write original-layout safetensors (sharded with an index above `max_shard_bytes`) and
-    config.json into the existing `out_dir`; returns the weight file names."""
+def write_safetensors(out_dir, shapes: dict[str, tuple[int, ...]],
+                      tensors: Iterator[tuple[str, np.ndarray]], dtype,
+                      max_shard_bytes: int = 5 * 2**30) -> list[str]:
+    """Write `tensors` as safetensors files into the existing `out_dir`: `model.safetensors`,
+    or above `max_shard_bytes` the shards `model-0000k-of-0000n.safetensors` with their index
+    (transformers' names). Returns the weight file names.
+
+    `shapes` fixes the names, their order and the shard boundaries before anything is read;
+    `tensors` must yield exactly those (name, array) pairs in that order. Each array is cast to
+    `dtype` as it is written, so the writer holds one tensor at a time whatever the layout."""
     out_dir = pathlib.Path(out_dir)
-    dtype = np.dtype(np.asarray(params["embed"]["embedding"]).dtype)
+    dtype = np.dtype(dtype)
     code = {name: c for c, name in _ST_CODES.items()}[dtype.name]
-    shapes = hf_shapes(config)
     sizes = {name: int(np.prod(shape)) * dtype.itemsize for name, shape in shapes.items()}
     shards: list[list[str]] = [[]]
     used = 0
@@ -353,7 +360,7 @@ def write_hf(out_dir, params, config: QwenConfig, max_shard_bytes: int = 5 * 2**
     else:
         names = [f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors" for k in range(len(shards))]
     shard_of = {name: k for k, shard in enumerate(shards) for name in shard}
-    tensors = hf_tensors(params, config)
+    tensors = iter(tensors)
     for k, shard in enumerate(shards):
         header, offset = {"__metadata__": {"format": "pt"}}, 0
         for name in shard:
@@ -366,14 +373,31 @@ def write_hf(out_dir, params, config: QwenConfig, max_shard_bytes: int = 5 * 2**
             f.write(struct.pack("<Q", len(raw)) + raw)
             for name in shard:
                 got, array = next(tensors)
-                assert got == name and array.shape == shapes[name], (got, name, array.shape)
+                assert got == name and array.shape == tuple(shapes[name]), (got, name,
+                                                                             array.shape)
                 f.write(np.ascontiguousarray(array, dtype).reshape(-1).view(np.uint8))
+    leftover = next(tensors, None)
+    assert leftover is None, f"{leftover[0]!r} is not in shapes"
     if len(shards) > 1:
         index = {"metadata": {"total_size": sum(sizes.values())},
                  "weight_map": {name: names[shard_of[name]] for name in shapes}}
         (out_dir / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
-    config_json = hf_config_dict(config) if config_json is None else config_json
-    (out_dir / "config.json").write_text(json.dumps(config_json, indent=2) + "\n")
+    return names
+
+
+def write_config_json(out_dir, config_json: dict) -> None:
+    (pathlib.Path(out_dir) / "config.json").write_text(json.dumps(config_json, indent=2) + "\n")
+
+
+def write_hf(out_dir, params, config: QwenConfig, max_shard_bytes: int = 5 * 2**30,
+             config_json: dict | None = None, dtype: str | None = None) -> list[str]:
+    """Write original-layout safetensors (sharded with an index above `max_shard_bytes`) and
+    config.json into the existing `out_dir`; returns the weight file names. The tensors are
+    written in `dtype` (default: the parameters' own)."""
+    np_dtype = DTYPES[dtype] if dtype else np.asarray(params["embed"]["embedding"]).dtype
+    names = write_safetensors(out_dir, hf_shapes(config), hf_tensors(params, config), np_dtype,
+                              max_shard_bytes)
+    write_config_json(out_dir, hf_config_dict(config) if config_json is None else config_json)
     return names
 
 

@@ -1,17 +1,22 @@
 """PyTorch references for checking a converted checkpoint (`convert_hf.py check`).
 
 The default reference is transformers' `Qwen2ForCausalLM`, an implementation independent of
-both ours and the Qwen v1 release, with the v1 weights mapped onto it:
+both ours and the Qwen v1 release, with the v1 weights mapped onto it
+(`qwen2.v1_to_qwen2_state_dict`):
 
     transformer.wte -> model.embed_tokens        attn.c_attn (rows q|k|v) -> self_attn.{q,k,v}_proj
     ln_1 -> input_layernorm, ln_2 -> post_attention_layernorm     attn.c_proj -> self_attn.o_proj
     mlp.w2 (SiLU gate) -> mlp.gate_proj, mlp.w1 -> mlp.up_proj    mlp.c_proj -> mlp.down_proj
     transformer.ln_f -> model.norm                 lm_head -> lm_head (untied)
 
+A directory already in the Qwen2 layout (config.json `model_type: "qwen2"`, as `convert_hf.py
+export --format qwen2` writes it) is loaded as it is, with `AutoModelForCausalLM.from_pretrained`
+and no remote code.
+
 Qwen2 is exactly Qwen v1 without the inference-time dynamic NTK and LogN scaling, so our model
-runs with both off against it. With `trust_remote_code` the reference is the checkpoint's own
-modeling code (which keeps the config's flags). torch and transformers are imported lazily: only
-the check needs them.
+runs with both off against it. With `trust_remote_code` the reference for a v1 directory is the
+checkpoint's own modeling code (which keeps the config's flags). torch and transformers are
+imported lazily: only the check needs them.
 """
 
 from __future__ import annotations
@@ -20,11 +25,13 @@ import pathlib
 
 import numpy as np
 
+from qwen_jax.io import qwen2
 from qwen_jax.io.convert import (
     ConversionError,
     HFCheckpoint,
     check_layout,
     load_hf_config,
+    read_hf_config_json,
     resolve_source,
 )
 from qwen_jax.model.config import QwenConfig
@@ -41,46 +48,16 @@ def require_torch():
 
 
 def qwen2_config(config: QwenConfig, max_positions: int):
-    """The transformers Qwen2Config of the same network (float32, eager attention)."""
+    """The transformers Qwen2Config of the same network (`qwen2.qwen2_config`) for a float32
+    reference with eager attention, with room for `max_positions`."""
     _, transformers = require_torch()
-    if config.rotary_pct != 1.0:
-        raise ConversionError(f"rotary_pct={config.rotary_pct}: the Qwen2 reference rotates the "
-                              "full head dimension only")
-    rope = {"rope_type": "default", "rope_theta": float(config.rotary_emb_base)}
-    if int(transformers.__version__.split(".")[0]) >= 5:
-        rope_kwargs = {"rope_parameters": rope}
-    else:
-        rope_kwargs = {"rope_theta": rope["rope_theta"]}
-    return transformers.Qwen2Config(
-        vocab_size=config.vocab_size, hidden_size=config.hidden_size,
-        intermediate_size=config.mlp_width, num_hidden_layers=config.num_hidden_layers,
-        num_attention_heads=config.num_attention_heads,
-        num_key_value_heads=config.num_attention_heads, head_dim=config.head_dim,
-        hidden_act="silu", rms_norm_eps=config.layer_norm_epsilon,
-        max_position_embeddings=max(max_positions, config.max_position_embeddings),
-        tie_word_embeddings=False, use_sliding_window=False, attention_dropout=0.0,
-        attn_implementation="eager", **rope_kwargs)
-
-
-def qwen2_state_dict(tensors, config: QwenConfig) -> dict:
-    """Original-layout tensors (name -> torch tensor) -> a Qwen2ForCausalLM state dict."""
-    h = config.hidden_size
-    out = {"model.embed_tokens.weight": tensors["transformer.wte.weight"],
-           "model.norm.weight": tensors["transformer.ln_f.weight"],
-           "lm_head.weight": tensors["lm_head.weight"]}
-    for i in range(config.num_hidden_layers):
-        src, dst = f"transformer.h.{i}.", f"model.layers.{i}."
-        weight, bias = tensors[src + "attn.c_attn.weight"], tensors[src + "attn.c_attn.bias"]
-        for j, name in enumerate("qkv"):
-            out[dst + f"self_attn.{name}_proj.weight"] = weight[j * h:(j + 1) * h]
-            out[dst + f"self_attn.{name}_proj.bias"] = bias[j * h:(j + 1) * h]
-        out[dst + "self_attn.o_proj.weight"] = tensors[src + "attn.c_proj.weight"]
-        out[dst + "mlp.gate_proj.weight"] = tensors[src + "mlp.w2.weight"]
-        out[dst + "mlp.up_proj.weight"] = tensors[src + "mlp.w1.weight"]
-        out[dst + "mlp.down_proj.weight"] = tensors[src + "mlp.c_proj.weight"]
-        out[dst + "input_layernorm.weight"] = tensors[src + "ln_1.weight"]
-        out[dst + "post_attention_layernorm.weight"] = tensors[src + "ln_2.weight"]
-    return out
+    try:
+        fields = qwen2.qwen2_config(config)
+    except ValueError as e:
+        raise ConversionError(f"the Qwen2 reference cannot run this model: {e}") from None
+    fields.update(dtype="float32", max_position_embeddings=max(
+        max_positions, config.max_position_embeddings))
+    return transformers.Qwen2Config(**fields, attn_implementation="eager")
 
 
 def read_tensors(hf_dir, dtype) -> dict:
@@ -112,7 +89,8 @@ def build_qwen2(hf_dir, config: QwenConfig, max_positions: int):
     cfg = qwen2_config(config, max_positions)
     with torch.device("meta"):  # no random init of weights that are replaced at once
         model = transformers.Qwen2ForCausalLM(cfg)
-    model.load_state_dict(qwen2_state_dict(tensors, config), strict=True, assign=True)
+    model.load_state_dict(qwen2.v1_to_qwen2_state_dict(tensors, config), strict=True,
+                          assign=True)
     # inv_freq is a computed buffer, not a weight: build it for real, off the meta device
     model.model.rotary_emb = modeling_qwen2.Qwen2RotaryEmbedding(config=cfg)
     return model.eval()
@@ -168,10 +146,54 @@ def _logsumexp(x):
     return m + np.log(np.sum(np.exp(x - m), axis=-1, keepdims=True))
 
 
+def load_qwen2_dir(hf_dir):
+    """A Qwen2-layout directory as transformers loads it natively, in float32 with eager
+    attention; every weight must be there and used."""
+    torch, transformers = require_torch()
+    logging = transformers.utils.logging
+    bar = logging.is_progress_bar_enabled()
+    logging.disable_progress_bar()
+    try:
+        model, info = transformers.AutoModelForCausalLM.from_pretrained(
+            str(hf_dir), dtype=torch.float32, attn_implementation="eager",
+            output_loading_info=True)
+    except Exception as e:  # noqa: BLE001: transformers raises many kinds (config, files)
+        first = (str(e).strip().splitlines() or [""])[0]
+        raise ConversionError(f"{hf_dir}: transformers {transformers.__version__} cannot load "
+                              f"it: {type(e).__name__}: {first}") from None
+    finally:
+        if bar:
+            logging.enable_progress_bar()
+    bad = {k: sorted(v)[:5] for k, v in info.items() if v}
+    if bad:
+        raise ConversionError(f"{hf_dir}: weights do not fit {type(model).__name__}: "
+                              + "; ".join(f"{k} {v}" for k, v in bad.items()))
+    return model.eval()
+
+
+def qwen2_config_diff(config: QwenConfig, hf_config) -> dict:
+    """The fields of a loaded transformers Qwen2 config that differ from the network `config`
+    describes: {name: (ours, theirs)}."""
+    try:
+        expected = qwen2.qwen2_config(config)
+    except ValueError as e:
+        raise ConversionError(f"the Qwen2 layout cannot hold this model: {e}") from None
+    rope = getattr(hf_config, "rope_parameters", None) or {}
+    found = {k: getattr(hf_config, k, None) for k in (
+        "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+        "num_attention_heads", "num_key_value_heads", "head_dim", "hidden_act", "rms_norm_eps",
+        "tie_word_embeddings")}
+    found["head_dim"] = found["head_dim"] or hf_config.hidden_size // hf_config.num_attention_heads
+    found["rope_theta"] = float(rope.get("rope_theta", getattr(hf_config, "rope_theta", 0.0)))
+    found["sliding_window"] = (getattr(hf_config, "sliding_window", None)
+                               if getattr(hf_config, "use_sliding_window", False) else None)
+    return {k: (expected[k], v) for k, v in found.items() if expected[k] != v}
+
+
 def run_check(hf_source, checkpoint_dir, length=512, batch=1, seed=0,
               trust_remote_code=False) -> dict:
     """Logits of the reference on `hf_source` vs ours on `checkpoint_dir` for random tokens."""
-    require_torch()
+    _, transformers = require_torch()
     import jax
 
     from qwen_jax.io.checkpoint import CheckpointError, load_params
@@ -179,19 +201,41 @@ def run_check(hf_source, checkpoint_dir, length=512, batch=1, seed=0,
     patterns = ("*.json", "*.safetensors", "qwen.tiktoken") + (("*.py",) if trust_remote_code
                                                               else ())
     hf_dir = resolve_source(str(hf_source), patterns)
-    hf_config = load_hf_config(hf_dir)
+    native = read_hf_config_json(hf_dir).get("model_type") == "qwen2"
+    if native:
+        try:
+            hf_config = transformers.AutoConfig.from_pretrained(str(hf_dir))
+        except Exception as e:  # noqa: BLE001: transformers raises many kinds
+            first = (str(e).strip().splitlines() or [""])[0]
+            raise ConversionError(f"{hf_dir}/config.json: not a Qwen2 config transformers "
+                                  f"reads: {type(e).__name__}: {first}") from None
+    else:
+        hf_config = load_hf_config(hf_dir)
     params, config = load_params(checkpoint_dir, as_numpy=True)
-    fields = ("hidden_size", "num_attention_heads", "num_hidden_layers", "intermediate_size",
-              "vocab_size", "rotary_emb_base", "layer_norm_epsilon", "seq_length")
-    diff = {k: (getattr(config, k), getattr(hf_config, k)) for k in fields
-            if getattr(config, k) != getattr(hf_config, k)}
+    if native:
+        diff = qwen2_config_diff(config, hf_config)
+    else:
+        fields = ("hidden_size", "num_attention_heads", "num_hidden_layers",
+                  "intermediate_size", "vocab_size", "rotary_emb_base", "layer_norm_epsilon",
+                  "seq_length")
+        diff = {k: (getattr(config, k), getattr(hf_config, k)) for k in fields
+                if getattr(config, k) != getattr(hf_config, k)}
     if diff:
         raise CheckpointError(f"{checkpoint_dir}: config differs from {hf_dir}/config.json in "
                               + ", ".join(f"{k}={a!r} vs {b!r}" for k, (a, b) in diff.items()))
     params = jax.tree.map(lambda x: np.asarray(x, np.float32), params)
     config = config.replace(dtype="float32", param_dtype="float32", matmul_precision="highest",
                             attention_impl="xla", window_sizes=None)
-    if trust_remote_code:
+    if native:
+        model = load_qwen2_dir(hf_dir)
+        config = config.replace(use_dynamic_ntk=False, use_logn_attn=False)
+        notes = [f"reference: transformers {type(model).__name__} loaded from {hf_dir} "
+                 "(float32, no remote code); ours run with use_dynamic_ntk=False, "
+                 "use_logn_attn=False (Qwen2 has neither)"]
+        if trust_remote_code:
+            notes.append("--trust-remote-code ignored: transformers runs the Qwen2 layout "
+                         "natively")
+    elif trust_remote_code:
         model = build_remote(hf_dir)
         config = config.replace(use_dynamic_ntk=hf_config.use_dynamic_ntk,
                                 use_logn_attn=hf_config.use_logn_attn)

@@ -25,8 +25,8 @@ of the about one hundred combining marks added since Unicode 10 (rare Arabic, In
 script marks), in an order that canonical reordering changes, normalises and so encodes
 differently.
 
-`tokenizer_config.json` names the native fast tokenizer class, `<|endoftext|>` as eos and pad
-(the released generation configs' eos_token_id and pad_token_id), `<|im_start|>` and
+`tokenizer_config.json` names the native fast tokenizer class, `<|endoftext|>` as eos and (by
+default) pad (the released generation configs' eos_token_id and pad_token_id), `<|im_start|>` and
 `<|im_end|>` as additional special tokens, and `CHAT_TEMPLATE`.
 
 `CHAT_TEMPLATE` lays out messages as `make_context` and `encode_conversation` do: the default
@@ -158,12 +158,12 @@ def _tokenizer_json(ranks: dict[bytes, int]) -> dict:
     }
 
 
-def _tokenizer_config(model_max_length: int) -> dict:
+def _tokenizer_config(model_max_length: int, pad_token: str = ENDOFTEXT) -> dict:
     return {
         "tokenizer_class": "PreTrainedTokenizerFast",
         "bos_token": None,
         "eos_token": ENDOFTEXT,
-        "pad_token": ENDOFTEXT,
+        "pad_token": pad_token,
         "unk_token": None,
         "additional_special_tokens": [IM_START, IM_END],
         "model_max_length": model_max_length,
@@ -173,17 +173,20 @@ def _tokenizer_config(model_max_length: int) -> dict:
 
 
 def write_hf_tokenizer(tiktoken_path: str | os.PathLike, out_dir: str | os.PathLike, *,
-                       model_max_length: int = 8192) -> list[str]:
-    """Write tokenizer.json and tokenizer_config.json for `qwen.tiktoken` into `out_dir`.
+                       model_max_length: int = 8192, pad_token: str = ENDOFTEXT) -> list[str]:
+    """Write tokenizer.json and tokenizer_config.json for `qwen.tiktoken` into `out_dir`;
+    `pad_token` (one of the special tokens) is what transformers pads with.
 
     Raises ValueError naming the file when `tiktoken_path` is missing or malformed; then
     nothing is written. Each file is written under a temporary name and renamed once all are
     complete. Returns the written file names.
     """
+    if pad_token not in SPECIAL_TOKEN_STRINGS:
+        raise ValueError(f"pad_token {pad_token!r} is not one of the special tokens")
     ranks = _read_ranks(str(pathlib.Path(tiktoken_path)))
     contents = {
         TOKENIZER_FILE: _tokenizer_json(ranks),
-        CONFIG_FILE: _tokenizer_config(model_max_length),
+        CONFIG_FILE: _tokenizer_config(model_max_length, pad_token),
     }
     out = pathlib.Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

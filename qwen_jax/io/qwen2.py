@@ -12,6 +12,9 @@ The mapping (under `model.layers.{i}.`; torch Linear weights are [out, in], ours
     ln_1, ln_2                                 -> input_layernorm, post_attention_layernorm
     embed/embedding -> model.embed_tokens.weight; ln_f -> model.norm.weight; lm_head -> lm_head
 
+A reward model has no lm_head but a scalar head, score/kernel [H, 1] -> score.weight [1, H]:
+it is `Qwen2ForSequenceClassification` with one label.
+
 What the layout lacks: v1's dynamic NTK RoPE scaling and LogN attention scaling (and our
 per-layer windows) are inference extras for inputs past the trained length (`seq_length`);
 Qwen2 has none of them, so past that length a Qwen2 export is no longer the same model.
@@ -21,24 +24,35 @@ width of one branch, i.e. `config.mlp_width`.
 
 from __future__ import annotations
 
+from typing import Iterator
+
 import numpy as np
 
-from qwen_jax.io.convert import DTYPES, layer_params
+from qwen_jax.io.convert import DTYPES, layer_params, write_config_json, write_safetensors
 from qwen_jax.model.config import QwenConfig
 
+ARCH_LM = "Qwen2ForCausalLM"
+ARCH_SCORE = "Qwen2ForSequenceClassification"
+SCORE = "score"  # a reward model's head in our parameters: {"kernel": [H, 1]}
+SCORE_WEIGHT = "score.weight"
 
-def qwen2_config(config: QwenConfig) -> dict:
-    """A transformers `Qwen2Config` config.json of the same network.
+
+def qwen2_config(config: QwenConfig, *, pad_token_id: int | None = None) -> dict:
+    """A transformers `Qwen2Config` config.json of the same network, in `config.param_dtype`.
 
     The rotary base is written both ways transformers has read it: top-level `rope_theta`
     (4.x) and `rope_parameters` (5.x, which also accepts the former). The dtype key is `dtype`
-    (transformers >= 4.56; `torch_dtype` before, now deprecated)."""
+    (transformers >= 4.56; `torch_dtype` before, now deprecated).
+
+    With `pad_token_id` it describes a reward model instead, `Qwen2ForSequenceClassification`
+    with one label: transformers reads its score at each row's last token that is not
+    `pad_token_id`, so that id must never be the last real token of a sequence."""
     if config.rotary_pct != 1.0:
         raise ValueError(f"rotary_pct={config.rotary_pct}: Qwen2 rotates the full head "
                          "dimension only")
     theta = float(config.rotary_emb_base)
-    return {
-        "architectures": ["Qwen2ForCausalLM"],
+    out = {
+        "architectures": [ARCH_LM if pad_token_id is None else ARCH_SCORE],
         "model_type": "qwen2",
         "vocab_size": config.vocab_size,
         "hidden_size": config.hidden_size,
@@ -60,6 +74,9 @@ def qwen2_config(config: QwenConfig) -> dict:
         "use_cache": True,
         "dtype": config.param_dtype,
     }
+    if pad_token_id is not None:
+        out.update(num_labels=1, pad_token_id=int(pad_token_id))
+    return out
 
 
 def _layer_names(i: int) -> dict[str, str]:
@@ -92,26 +109,61 @@ def _f32(x) -> np.ndarray:
     return np.ascontiguousarray(np.asarray(x, dtype=np.float32))
 
 
-def to_qwen2_state_dict(params, config: QwenConfig) -> dict[str, np.ndarray]:
-    """Our parameters (stacked `layers` or unstacked `layers_<i>`) -> a Qwen2ForCausalLM state
-    dict of float32 numpy arrays. Without an `lm_head` (a reward/value model) there is no
-    `lm_head.weight`; other heads such a model carries are not part of this layout."""
-    out = {"model.embed_tokens.weight": _f32(params["embed"]["embedding"])}
+def qwen2_tensors(params, config: QwenConfig) -> Iterator[tuple[str, np.ndarray]]:
+    """Our parameters (stacked `layers` or unstacked `layers_<i>`) -> (name, array) of the
+    Qwen2 layout, one tensor at a time, in the order of `qwen2_shapes(config, lm_head=...,
+    score=...)` for the heads `params` has. The arrays keep the parameters' dtype and are
+    transposed views where the layout allows, so a writer copies one tensor at a time."""
+    yield "model.embed_tokens.weight", np.asarray(params["embed"]["embedding"])
     for i in range(config.num_hidden_layers):
         layer = layer_params(params, i)
         for key, name in _layer_names(i).items():
             x = layer
             for part in key.split("/"):
                 x = x[part]
-            out[name] = _f32(_to_torch_layout(key, np.asarray(x)))
-    out["model.norm.weight"] = _f32(params["ln_f"]["weight"])
+            yield name, _to_torch_layout(key, np.asarray(x))
+    yield "model.norm.weight", np.asarray(params["ln_f"]["weight"])
     if "lm_head" in params:
-        out["lm_head.weight"] = _f32(np.asarray(params["lm_head"]["kernel"]).T)
+        yield "lm_head.weight", np.asarray(params["lm_head"]["kernel"]).T
+    if SCORE in params:
+        yield SCORE_WEIGHT, np.asarray(params[SCORE]["kernel"]).T
+
+
+def to_qwen2_state_dict(params, config: QwenConfig) -> dict[str, np.ndarray]:
+    """Our parameters -> a Qwen2 state dict of float32 numpy arrays (`qwen2_tensors`, each
+    made a float32 copy). Without an `lm_head` (a reward/value model) there is no
+    `lm_head.weight`; a `score` head becomes `score.weight`."""
+    return {name: _f32(x) for name, x in qwen2_tensors(params, config)}
+
+
+def v1_to_qwen2_state_dict(tensors, config: QwenConfig) -> dict:
+    """Original Qwen v1 tensors (`convert.hf_shapes` names; torch tensors or numpy arrays) ->
+    the same tensors under the Qwen2 names. Both layouts store torch [out, in] matrices, so
+    nothing is transposed; `attn.c_attn` is split by rows into q | k | v."""
+    h = config.hidden_size
+    out = {"model.embed_tokens.weight": tensors["transformer.wte.weight"]}
+    v1 = {"attn/o/kernel": "attn.c_proj.weight", "mlp/gate/kernel": "mlp.w2.weight",
+          "mlp/up/kernel": "mlp.w1.weight", "mlp/down/kernel": "mlp.c_proj.weight",
+          "ln_1/weight": "ln_1.weight", "ln_2/weight": "ln_2.weight"}
+    for i in range(config.num_hidden_layers):
+        src, names = f"transformer.h.{i}.", _layer_names(i)
+        fused = {"kernel": tensors[src + "attn.c_attn.weight"],
+                 "bias": tensors[src + "attn.c_attn.bias"]}
+        for key, name in names.items():
+            part = key.split("/")
+            if key in v1:
+                out[name] = tensors[src + v1[key]]
+            else:  # attn/{q,k,v}/{kernel,bias}
+                j = "qkv".index(part[1])
+                out[name] = fused[part[2]][j * h:(j + 1) * h]
+    out["model.norm.weight"] = tensors["transformer.ln_f.weight"]
+    out["lm_head.weight"] = tensors["lm_head.weight"]
     return out
 
 
-def qwen2_shapes(config: QwenConfig, lm_head: bool = True) -> dict[str, tuple[int, ...]]:
-    """Every tensor of the Qwen2 layout and its shape."""
+def qwen2_shapes(config: QwenConfig, lm_head: bool = True,
+                 score: bool = False) -> dict[str, tuple[int, ...]]:
+    """Every tensor of the Qwen2 layout and its shape, in `qwen2_tensors`' order."""
     h, n, d, f, v = (config.hidden_size, config.num_attention_heads, config.head_dim,
                      config.mlp_width, config.vocab_size)
     shapes = {"model.embed_tokens.weight": (v, h)}
@@ -131,7 +183,29 @@ def qwen2_shapes(config: QwenConfig, lm_head: bool = True) -> dict[str, tuple[in
     shapes["model.norm.weight"] = (h,)
     if lm_head:
         shapes["lm_head.weight"] = (v, h)
+    if score:
+        shapes[SCORE_WEIGHT] = (1, h)
     return shapes
+
+
+def write_qwen2(out_dir, params, config: QwenConfig, max_shard_bytes: int = 5 * 2**30,
+                dtype: str | None = None, pad_token_id: int | None = None) -> list[str]:
+    """Write the Qwen2 layout into the existing `out_dir`: safetensors (sharded with an index
+    above `max_shard_bytes`, as `convert.write_hf`) and config.json. The tensors are written in
+    `dtype` (default `config.param_dtype`), one at a time from `qwen2_tensors`. Parameters with
+    a `score` head and no lm_head (a reward model) need `pad_token_id` (see `qwen2_config`).
+    Returns the weight file names."""
+    config = config.replace(param_dtype=dtype or config.param_dtype)
+    score = SCORE in params
+    if score != (pad_token_id is not None) or score == ("lm_head" in params):
+        raise ValueError("the Qwen2 layout holds a language model (lm_head) or a reward model "
+                         "(score head, with pad_token_id)")
+    config_json = qwen2_config(config, pad_token_id=pad_token_id)
+    shapes = qwen2_shapes(config, lm_head=not score, score=score)
+    names = write_safetensors(out_dir, shapes, qwen2_tensors(params, config),
+                              DTYPES[config.param_dtype], max_shard_bytes)
+    write_config_json(out_dir, config_json)
+    return names
 
 
 def _numpy(x) -> np.ndarray:
@@ -142,8 +216,10 @@ def _numpy(x) -> np.ndarray:
 
 def from_qwen2_state_dict(state_dict, config: QwenConfig) -> dict:
     """A Qwen2ForCausalLM state dict (numpy arrays or torch tensors) -> our parameters in the
-    stacked layout, as `config.param_dtype` numpy arrays. `lm_head.weight` is optional."""
-    shapes = qwen2_shapes(config, lm_head="lm_head.weight" in state_dict)
+    stacked layout, as `config.param_dtype` numpy arrays. `lm_head.weight` and `score.weight`
+    are optional."""
+    shapes = qwen2_shapes(config, lm_head="lm_head.weight" in state_dict,
+                          score=SCORE_WEIGHT in state_dict)
     missing = [k for k in shapes if k not in state_dict]
     unexpected = [k for k in state_dict if k not in shapes]
     if missing or unexpected:
@@ -181,4 +257,6 @@ def from_qwen2_state_dict(state_dict, config: QwenConfig) -> dict:
     if "lm_head.weight" in arrays:
         params["lm_head"] = {"kernel": np.ascontiguousarray(arrays["lm_head.weight"].T,
                                                             dtype=dtype)}
+    if SCORE_WEIGHT in arrays:
+        params[SCORE] = {"kernel": np.ascontiguousarray(arrays[SCORE_WEIGHT].T, dtype=dtype)}
     return params
