@@ -59,6 +59,20 @@ def base_config() -> ml_collections.ConfigDict:
         "label_smoothing": 0.0,
     })
 
+    # LoRA / Q-LoRA (qwen_jax/model/lora.py): rank 0 = full training. Adapters on `targets`
+    # (the release's module names), the base frozen; `modules_to_save` ("wte", "lm_head")
+    # train fully. `quant`: the frozen base stored "int8", "int4" or "nf4" (Q-LoRA).
+    c.lora = ml_collections.ConfigDict({
+        "rank": 0,
+        "alpha": 16.0,
+        "dropout": 0.05,
+        "targets": ("c_attn", "c_proj", "w1", "w2"),
+        "rslora": False,
+        "modules_to_save": (),
+        "quant": "none",
+        "quant_group": 64,
+    })
+
     # What is trained: "lm" (next-token: pretraining, SFT), "reward" (a reward model on
     # preference pairs), "dpo", "ppo" (qwen_jax/align; the keys below).
     c.task = "lm"

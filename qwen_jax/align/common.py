@@ -30,6 +30,9 @@ def check_align_config(cfg) -> None:
     if a.frozen_dtype not in FROZEN_DTYPES:
         raise TrainError(f"config.align.frozen_dtype={a.frozen_dtype!r}: expected one of "
                          f"{FROZEN_DTYPES}")
+    if cfg.task == "reward" and cfg.lora.rank:
+        raise TrainError(f"config.lora.rank={cfg.lora.rank}: a reward model trains fully "
+                         "(LoRA is for the language-model tasks: lm, dpo and ppo's policy)")
     if cfg.task in ("reward", "dpo") and cfg.microbatches != 1:
         raise TrainError(f"config.microbatches={cfg.microbatches}: the {cfg.task} step takes "
                          "its whole batch at once (microbatches=1)")
@@ -50,7 +53,10 @@ def check_align_config(cfg) -> None:
 def cast_frozen(params, dtype: str):
     """A frozen copy in `dtype`: new buffers (a train step donates the trained ones), the
     shardings of `params`."""
-    return jax.jit(lambda p: jax.tree.map(lambda x: x.astype(jnp.dtype(dtype)), p))(params)
+    def cast(x):  # floating point only: a quantised base stays as it is
+        return x.astype(jnp.dtype(dtype)) if jnp.issubdtype(x.dtype, jnp.floating) else jnp.copy(x)
+
+    return jax.jit(lambda p: jax.tree.map(cast, p))(params)
 
 
 def initial_lm_params(cfg, trainer, rng):

@@ -19,7 +19,7 @@ from qwen_jax.align import losses, models
 from qwen_jax.align.common import PairTask, frozen_reference, initial_lm_params
 from qwen_jax.parallel import sharding as shd
 from qwen_jax.train.optim import learning_rate_schedule
-from qwen_jax.train.steps import guarded_update, under_mesh
+from qwen_jax.train.steps import under_mesh
 
 
 def pair_logprobs(params, config, batch, *, train=False, rng=None, chunk_tokens=4096):
@@ -63,10 +63,9 @@ class DPOTask(PairTask):
             per, chosen, rejected = self._stats(params, ref, batch, True, rng)
             return jnp.sum(per * w) / n, (chosen, rejected)
 
-        (loss, (chosen, rejected)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+        (loss, (chosen, rejected)), grads = self.trainer.value_and_grad(loss_fn, has_aux=True)(
             state.params)
-        new_state, grad_norm = guarded_update(state, grads, loss, self.trainer.optimizer,
-                                              self.cfg.nonfinite)
+        new_state, grad_norm = self.trainer.guarded_update(state, grads, loss)
         mean = lambda x: jnp.sum(x * w) / n  # noqa: E731
         return new_state, {
             "loss": loss, "reward_margin": mean(chosen - rejected),

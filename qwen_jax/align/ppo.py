@@ -96,8 +96,11 @@ class PPOTask(Task):
                              f"microbatches={micro}")
         self.prompt_len = d.seq_len - a.max_new_tokens
         opt = dict(cfg.optimizer, peak_learning_rate=a.value_learning_rate)
+        # The value and reward models are full models (a LoRA run adapts the policy only).
+        self.scalar_config = self.model_config.replace(lora_rank=0, base_quant="none")
         self.value_trainer = dataclasses.replace(
-            self.trainer, params=models.SCALAR_PARAMS,
+            self.trainer, params=models.SCALAR_PARAMS, model_config=self.scalar_config,
+            trainable=None,
             optimizer_config=OptimizerConfig(total_steps=cfg.num_train_steps, **opt))
         self.sharding = shd.batch_sharding(self.mesh, 2)
         self.reference = self.reward = self._reward_weights = None
@@ -118,7 +121,7 @@ class PPOTask(Task):
                                      source=a.ptx_source, kind="pretrain",
                                      what="config.align.ptx_source")
         # Kept until the state exists: a fresh run's value model starts from these weights.
-        self._reward_weights = load_reward_model(a.reward_model, self.model_config, self.mesh)
+        self._reward_weights = load_reward_model(a.reward_model, self.scalar_config, self.mesh)
         self.reward = cast_frozen(self._reward_weights, a.frozen_dtype)
 
     # ------------------------------------------------------------------ state
@@ -132,7 +135,8 @@ class PPOTask(Task):
 
     def _fresh(self, policy, value) -> PPOState:
         zero = jnp.zeros((), jnp.int32)
-        return PPOState(step=zero, params=policy, opt_state=self.trainer.optimizer.init(policy),
+        return PPOState(step=zero, params=policy,
+                        opt_state=self.trainer.optimizer.init(self.trainer.split(policy)[0]),
                         value_params=value,
                         value_opt_state=self.value_trainer.optimizer.init(value),
                         moments=losses.moments_init(), nonfinite_steps=zero,
@@ -225,8 +229,9 @@ class PPOTask(Task):
             logp, entropy = models.token_logprobs(params, cfg, tokens, segments,
                                                   chunk_tokens=chunk, with_entropy=True)
             ref = models.token_logprobs(reference, cfg, tokens, segments, chunk_tokens=chunk)
-            v = models.values(value_params, cfg, tokens, segments)[:, :-1]
-            score = models.rewards(reward, cfg, r["reward_tokens"], r["reward_segments"])
+            v = models.values(value_params, self.scalar_config, tokens, segments)[:, :-1]
+            score = models.rewards(reward, self.scalar_config, r["reward_tokens"],
+                                   r["reward_segments"])
             return logp, entropy, ref, v, score
 
         if self.cfg.microbatches == 1:
@@ -316,13 +321,13 @@ class PPOTask(Task):
 
         def value_objective(params, mb, rng):
             w = jnp.sum(mb["m"]) / total
-            v = models.values(params, cfg, mb["tokens"], mb["segments"], train=True,
-                              rng=rng)[:, :-1]
+            v = models.values(params, self.scalar_config, mb["tokens"], mb["segments"],
+                              train=True, rng=rng)[:, :-1]
             loss, clip = losses.value_loss(v, mb["old_values"], mb["returns"], mb["m"],
                                            a.value_clip)
             return loss * w, clip * w
 
-        p_grad = jax.value_and_grad(policy_objective, has_aux=True)
+        p_grad = self.trainer.value_and_grad(policy_objective, has_aux=True)
         v_grad = jax.value_and_grad(value_objective, has_aux=True)
 
         def accumulate(carry, xs):
@@ -338,7 +343,7 @@ class PPOTask(Task):
         stat_zeros = {name: jnp.zeros(()) for name in
                       ("policy_loss", "value_loss", "clip_fraction", "value_clip_fraction",
                        "approx_kl", "ptx_loss")}
-        zeros = (jax.tree.map(jnp.zeros_like, s.params),
+        zeros = (jax.tree.map(jnp.zeros_like, self.trainer.split(s.params)[0]),
                  jax.tree.map(jnp.zeros_like, s.value_params), stat_zeros)
         if k == 1:
             (p_grads, v_grads, stats), _ = accumulate(zeros, (sub, ptx, 0))
@@ -346,8 +351,8 @@ class PPOTask(Task):
             (p_grads, v_grads, stats), _ = jax.lax.scan(
                 accumulate, zeros, (self._split(sub), None if ptx is None else
                                     self._split(ptx), jnp.arange(k)))
-        p_params, p_opt, p_norm, p_ok = checked_update(self.trainer.optimizer, p_grads,
-                                                       s.opt_state, s.params)
+        p_params, p_opt, p_norm, p_ok = self.trainer.checked_update(p_grads, s.opt_state,
+                                                                    s.params)
         v_params, v_opt, v_norm, v_ok = checked_update(self.value_trainer.optimizer, v_grads,
                                                        s.value_opt_state, s.value_params)
         ok = (p_ok & v_ok & jnp.isfinite(stats["policy_loss"]) &

@@ -239,6 +239,9 @@ def load_params(directory, config: QwenConfig | None = None, shardings=None, as_
     # local: keeps this module light for the CLI
     from qwen_jax.model.transformer import abstract_params
 
+    if stored.lora_rank:  # a LoRA run: restored on the host, merged, then placed
+        return _load_lora_params(directory, located, params_dir, stored, config, shardings,
+                                 as_numpy)
     abstract = abstract_params(config.replace(param_dtype=stored.param_dtype), shardings)
     if as_numpy:
         abstract = jax.tree_util.tree_map(lambda s: np.zeros(s.shape, s.dtype), abstract)
@@ -249,6 +252,30 @@ def load_params(directory, config: QwenConfig | None = None, shardings=None, as_
             params = _restore_train_params(params_dir, abstract, as_numpy)
     except (ValueError, FileNotFoundError, KeyError) as e:
         raise CheckpointError(f"{params_dir}: cannot restore parameters: {e}") from None
+    return params, config
+
+
+def _load_lora_params(directory, located, params_dir, stored, config, shardings, as_numpy):
+    """The parameters of a LoRA run with the adapters merged into the base (see load_params)."""
+    from qwen_jax.model import lora
+    from qwen_jax.model.transformer import abstract_params
+
+    abstract = jax.tree_util.tree_map(lambda s: np.zeros(s.shape, s.dtype),
+                                      abstract_params(stored))
+    try:
+        if located.step_dir is None:
+            params = ocp.StandardCheckpointer().restore(params_dir, abstract)
+        else:
+            params = _restore_train_params(params_dir, abstract, True)
+    except (ValueError, FileNotFoundError, KeyError) as e:
+        raise CheckpointError(f"{params_dir}: cannot restore parameters: {e}") from None
+    params, plain = lora.merge(params, stored)
+    if config is None or config.lora_rank:
+        config = plain
+    if shardings is not None:
+        params = jax.device_put(params, shardings)
+    elif not as_numpy:
+        params = jax.tree_util.tree_map(jax.numpy.asarray, params)
     return params, config
 
 

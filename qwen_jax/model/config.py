@@ -16,6 +16,8 @@ ATTENTION_IMPLS = ("xla", "pallas", "auto")
 REMAT_POLICIES = ("none", "minimal", "save_dot_except_mlp", "full")
 DTYPES = ("float32", "bfloat16", "float16")
 MATMUL_PRECISIONS = ("default", "high", "highest")
+LORA_TARGETS = ("c_attn", "c_proj", "attn.c_proj", "mlp.c_proj", "w1", "w2")
+BASE_QUANTS = ("none", "int8", "int4", "nf4")
 
 # Keys of the released config.json that carry model facts. Anything else in a Qwen config.json
 # (auto_map, flash/kernel switches, fp16/bf16 flags...) is runtime plumbing of the PyTorch code.
@@ -78,10 +80,24 @@ class QwenConfig:
     # (`params["layers_0"]`...), an unrolled stack; what decoding on CPU uses (see
     # model.unstack_layers).
     scan_layers: bool = True
+    # LoRA (qwen_jax.model.lora): rank 0 = none. Targets by the release's module names:
+    # "c_attn" (q, k, v: one adapter on the fused projection), "attn.c_proj", "mlp.c_proj",
+    # "c_proj" (both), "w1", "w2".
+    lora_rank: int = 0
+    lora_alpha: float = 16.0
+    lora_dropout: float = 0.0
+    lora_targets: tuple[str, ...] = ("c_attn", "c_proj", "w1", "w2")
+    lora_rslora: bool = False  # scale alpha / sqrt(rank) instead of alpha / rank
+    # The frozen layer projections stored quantised (Q-LoRA): "none", "int8", "int4", "nf4";
+    # int4 / nf4 with one scale per `base_quant_group` inputs of each output.
+    base_quant: str = "none"
+    base_quant_group: int = 64
 
     def __post_init__(self):
         if self.window_sizes is not None and not isinstance(self.window_sizes, tuple):
             object.__setattr__(self, "window_sizes", tuple(int(w) for w in self.window_sizes))
+        if not isinstance(self.lora_targets, tuple):
+            object.__setattr__(self, "lora_targets", tuple(str(t) for t in self.lora_targets))
         self.validate()
 
     # ------------------------------------------------------------------ derived
@@ -150,6 +166,31 @@ class QwenConfig:
             fail("attention_impl", self.attention_impl, f"one of {ATTENTION_IMPLS}")
         if self.remat_policy not in REMAT_POLICIES:
             fail("remat_policy", self.remat_policy, f"one of {REMAT_POLICIES}")
+        if isinstance(self.lora_rank, bool) or not isinstance(self.lora_rank, int) or \
+                self.lora_rank < 0:
+            fail("lora_rank", self.lora_rank, "an integer >= 0 (0 = no LoRA)")
+        if self.lora_rank:
+            if not self.lora_alpha > 0:
+                fail("lora_alpha", self.lora_alpha, "a positive number")
+            if not 0.0 <= self.lora_dropout < 1.0:
+                fail("lora_dropout", self.lora_dropout, "a probability in [0, 1)")
+            unknown = [t for t in self.lora_targets if t not in LORA_TARGETS]
+            if unknown or not self.lora_targets:
+                fail("lora_targets", self.lora_targets,
+                     f"a non-empty subset of {LORA_TARGETS}")
+        if self.base_quant not in BASE_QUANTS:
+            fail("base_quant", self.base_quant, f"one of {BASE_QUANTS}")
+        if self.base_quant != "none" and not self.lora_rank:
+            fail("base_quant", self.base_quant, "'none' without LoRA (lora_rank > 0): a "
+                 "quantised base is frozen")
+        if self.base_quant in ("int4", "nf4"):
+            g = self.base_quant_group
+            inputs = {"hidden_size": self.hidden_size, "kv_channels": self.kv_channels,
+                      "mlp width": self.mlp_width}
+            bad = [f"{k}={v}" for k, v in inputs.items() if v % g]
+            if g < 1 or bad:
+                fail("base_quant_group", g, "a group size dividing every projection's input "
+                     f"dimension ({', '.join(bad) or 'positive'})")
 
     # ------------------------------------------------------------ sizes
     def num_params(self) -> int:

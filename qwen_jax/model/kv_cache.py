@@ -49,7 +49,8 @@ def init_cache(config: QwenConfig, batch_size: int, max_len: int, dtype=None) ->
 
 
 def cache_bytes(config: QwenConfig, batch_size: int, max_len: int, dtype=None) -> int:
-    """Memory of a cache: 2 x layers x batch x max_len x hidden x itemsize (+ small per-row state)."""
+    """Memory of a cache: 2 x layers x batch x max_len x hidden x itemsize (+ small per-row
+    state)."""
     itemsize = jnp.dtype(dtype or config.dtype).itemsize
     kv = 2 * config.num_hidden_layers * batch_size * max_len * config.hidden_size * itemsize
     return kv + 4 * (batch_size * max_len + 2 * batch_size + 1)

@@ -9,6 +9,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from qwen_jax.model import lora
 from qwen_jax.model.config import QwenConfig
 from qwen_jax.parallel.sharding import target_platform
 
@@ -139,7 +140,12 @@ _dense_f32.defvjp(_dense_f32_fwd, _dense_f32_bwd)
 
 class Einsum(nn.Module):
     """A projection `einsum(equation, x, kernel)` with a logically-partitioned kernel of its
-    full (multi-axis) shape, e.g. [embed, heads, head_dim], and an optional bias."""
+    full (multi-axis) shape, e.g. [embed, heads, head_dim], and an optional bias.
+
+    `target` names a decoder-layer projection by the release's module name ("c_attn",
+    "attn.c_proj", "mlp.c_proj", "w1", "w2"): such a kernel is stored quantised when the
+    config asks for it, and gets a LoRA adapter when the config targets it (c_attn's adapter
+    is the attention's, shared by q, k and v). See qwen_jax.model.lora."""
 
     equation: str
     shape: tuple[int, ...]
@@ -151,14 +157,33 @@ class Einsum(nn.Module):
     # XLA CPU otherwise transposes the whole [n, d, h] kernel every call to match the layout
     # it picked for the tiny activation.
     merge_contracting: bool = False
+    target: str | None = None
+    train: bool = False
 
     @nn.compact
     def __call__(self, x):
         cfg = self.config
         dtype = jnp_dtype(cfg.dtype)
-        kernel = self.param("kernel", nn.with_logical_partitioning(dense_init(cfg), self.axes),
-                            self.shape, jnp_dtype(cfg.param_dtype))
+        x_letters = self.equation.split(",")[0]
+        n_contract = sum(c in x_letters for c in self.equation.split(",")[1].split("->")[0])
+        if self.target is not None and cfg.base_quant != "none":
+            def quantized(part):
+                def init(rng, shape):
+                    w = dense_init(cfg)(rng, shape, jnp.float32)
+                    return lora.quantize_kernel(w, cfg, n_contract)[part]
+                return init
+
+            qvalue = self.param(lora.QUANT_KERNEL, nn.with_logical_partitioning(
+                quantized(0), self.axes), self.shape)
+            scale = self.param(lora.QUANT_SCALE, nn.with_logical_partitioning(
+                quantized(1), lora.quant_scale_axes(self.axes, n_contract, cfg)), self.shape)
+            kernel = lora.dequantize_kernel(qvalue, scale, cfg).astype(dtype)
+        else:
+            kernel = self.param("kernel", nn.with_logical_partitioning(dense_init(cfg),
+                                                                        self.axes),
+                                self.shape, jnp_dtype(cfg.param_dtype))
         equation = self.equation
+        x_in = x
         if self.merge_contracting:
             if equation != "btnd,ndh->bth":
                 raise ValueError(f"merge_contracting needs 'btnd,ndh->bth', not {equation!r}")
@@ -169,6 +194,9 @@ class Einsum(nn.Module):
         else:
             y = jnp.einsum(equation, x.astype(dtype), kernel.astype(dtype),
                            precision=precision(cfg))
+        if self.target not in (None, "c_attn") and lora.adapts(cfg, self.target):
+            y = y + lora.Adapter(self.equation, self.shape, self.axes, n_contract, cfg,
+                                 self.train, name=lora.ADAPTER)(x_in).astype(y.dtype)
         if self.bias_shape is not None:
             bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros,
                                                                    self.bias_axes),
@@ -181,14 +209,18 @@ class MLP(nn.Module):
     """SwiGLU: c_proj(w1(x) * silu(w2(x))). In the release w2 is the gate, w1 the plain branch."""
 
     config: QwenConfig
+    train: bool = False
 
     @nn.compact
     def __call__(self, x):
-        cfg = self.config
+        cfg, train = self.config, self.train
         h, f = cfg.hidden_size, cfg.mlp_width
-        gate = Einsum("bth,hf->btf", (h, f), ("embed", "mlp"), cfg, name="gate")(x)  # w2
-        up = Einsum("bth,hf->btf", (h, f), ("embed", "mlp"), cfg, name="up")(x)  # w1
+        gate = Einsum("bth,hf->btf", (h, f), ("embed", "mlp"), cfg, target="w2", train=train,
+                      name="gate")(x)
+        up = Einsum("bth,hf->btf", (h, f), ("embed", "mlp"), cfg, target="w1", train=train,
+                    name="up")(x)
         act = up * nn.silu(gate)
         act = nn.with_logical_constraint(act, ("activation_batch", "activation_length",
                                                "activation_mlp"))
-        return Einsum("btf,fh->bth", (f, h), ("mlp", "embed"), cfg, name="down")(act)  # c_proj
+        return Einsum("btf,fh->bth", (f, h), ("mlp", "embed"), cfg, target="mlp.c_proj",
+                      train=train, name="down")(act)

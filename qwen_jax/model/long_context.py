@@ -34,7 +34,8 @@ def ntk_alpha_from_level(level):
 
 
 def dynamic_ntk_alpha(length, seq_length: int):
-    """The dynamic NTK alpha of a forward over `length` real tokens (1 within the trained length)."""
+    """The dynamic NTK alpha of a forward over `length` real tokens (1 within the trained
+    length)."""
     return ntk_alpha_from_level(dynamic_ntk_level(length, seq_length))
 
 

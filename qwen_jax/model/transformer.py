@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
-from qwen_jax.model import long_context
+from qwen_jax.model import long_context, lora
 from qwen_jax.model.attention import attention
 from qwen_jax.model.config import QwenConfig
 from qwen_jax.model.kv_cache import KVCache
@@ -55,9 +55,14 @@ class Attention(nn.Module):
 
         def proj(name):  # one third of the released fused c_attn, with its bias
             return Einsum("bth,hnd->btnd", (h, n, d), ("embed", "heads", "kv"), cfg,
-                          bias_shape=(n, d), bias_axes=("heads", "kv"), name=name)(x)
+                          bias_shape=(n, d), bias_axes=("heads", "kv"), target="c_attn",
+                          name=name)(x)
 
         q, k, v = proj("q"), proj("k"), proj("v")
+        if lora.adapts(cfg, "c_attn"):  # one adapter on the fused projection: A shared
+            delta = lora.Adapter("bth,hcnd->btcnd", (h, 3, n, d), ("embed", None, "heads", "kv"),
+                                 1, cfg, self.train, name=lora.C_ATTN)(x).astype(q.dtype)
+            q, k, v = q + delta[:, :, 0], k + delta[:, :, 1], v + delta[:, :, 2]
         q = apply_rope(q, ctx["cos"], ctx["sin"])
         k = apply_rope(k, ctx["cos"], ctx["sin"])
         if ctx["logn"] is not None:
@@ -94,7 +99,8 @@ class Attention(nn.Module):
                         dropout_rng=dropout_rng)
         out = checkpoint_name(nn.with_logical_constraint(out, _ACT_HEADS), "attn_out")
         out = Einsum("btnd,ndh->bth", (n, d, h), ("heads", "kv", "embed"), cfg, name="o",
-                     merge_contracting=out.shape[1] == 1)(out)
+                     merge_contracting=out.shape[1] == 1, target="attn.c_proj",
+                     train=self.train)(out)
         return checkpoint_name(out, "out_proj"), new_cache_kv
 
 
@@ -114,7 +120,7 @@ class DecoderLayer(nn.Module):
                                                                      cache_kv)
         x = x + attn_out
         h = RMSNorm(cfg.layer_norm_epsilon, jnp_dtype(cfg.param_dtype), name="ln_2")(x)
-        x = x + MLP(cfg, name="mlp")(h)
+        x = x + MLP(cfg, self.train, name="mlp")(h)
         x = nn.with_logical_constraint(x, _ACT)
         return (x, cache_kv), None
 

@@ -13,6 +13,7 @@ import dataclasses
 from qwen_jax.data import pipeline as data_lib
 from qwen_jax.data.tokenizer import ByteTokenizer, TokenizerFileError, load_tokenizer
 from qwen_jax.io.checkpoint import CheckpointError, load_checkpoint_tokenizer, load_config
+from qwen_jax.model import lora
 from qwen_jax.model.config import ConfigError, QwenConfig, preset
 from qwen_jax.model.transformer import param_shardings
 from qwen_jax.parallel import sharding as shd
@@ -38,8 +39,21 @@ class Run:
 
 
 # ------------------------------------------------------------------------------- building
+def lora_fields(cfg) -> dict:
+    """config.lora as QwenConfig fields."""
+    lo = cfg.lora
+    return dict(lora_rank=lo.rank, lora_alpha=float(lo.alpha), lora_dropout=float(lo.dropout),
+                lora_targets=tuple(lo.targets), lora_rslora=bool(lo.rslora),
+                base_quant=lo.quant, base_quant_group=lo.quant_group)
+
+
 def model_config(cfg) -> QwenConfig:
     overrides = dict(cfg.model_overrides)
+    overrides.update(lora_fields(cfg))
+    saved = [m for m in cfg.lora.modules_to_save if m not in lora.SAVED_MODULES]
+    if saved or (cfg.lora.modules_to_save and not cfg.lora.rank):
+        raise TrainError(f"config.lora.modules_to_save={tuple(cfg.lora.modules_to_save)}: "
+                         f"expected names from {tuple(lora.SAVED_MODULES)}, with lora.rank > 0")
     try:
         if cfg.init_from:
             stored = load_config(cfg.init_from)
@@ -133,12 +147,14 @@ def build_trainer(cfg, mesh=None) -> Trainer:
         param_shardings(config, mesh)
     except (ValueError, shd.ShardingError) as e:
         raise TrainError(f"config: {e}") from None
+    trainable = (lora.trainable_fn(cfg.lora.modules_to_save) if config.lora_rank else None)
     loss = LossConfig(**dict(cfg.loss))
     try:
         loss.validate()
     except ValueError as e:
         raise TrainError(f"config.{e}") from None
-    return Trainer(config, opt, mesh, micro, nonfinite=cfg.nonfinite, loss=loss)
+    return Trainer(config, opt, mesh, micro, nonfinite=cfg.nonfinite, loss=loss,
+                   trainable=trainable)
 
 
 def build(cfg) -> Run:

@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from qwen_jax.model import lora
 from qwen_jax.model.config import QwenConfig
 from qwen_jax.model.layers import jnp_dtype, precision
 from qwen_jax.model.loss import fused_cross_entropy
@@ -81,6 +82,9 @@ class Trainer:
     nonfinite: str = "stop"  # or "skip" (see the module doc)
     loss: LossConfig = LossConfig()
     params: ParamSpec = ParamSpec()
+    # LoRA: path (tuple of keys) -> whether that parameter trains (qwen_jax.model.lora
+    # .trainable_fn). The rest is frozen: no gradient and no optimizer state. None: all train.
+    trainable: Callable[[tuple], bool] | None = None
 
     @property
     def model(self) -> Qwen:
@@ -90,6 +94,39 @@ class Trainer:
     def optimizer(self) -> optax.GradientTransformation:
         return make_optimizer(self.optimizer_config)
 
+    # ------------------------------------------------------------------ trained / frozen
+    def split(self, params):
+        """(the parameters that train, the frozen rest); (params, {}) without LoRA."""
+        if self.trainable is None:
+            return params, {}
+        return lora.split(params, self.trainable)
+
+    def combine(self, trained, frozen):
+        return trained if self.trainable is None else lora.combine(trained, frozen)
+
+    def value_and_grad(self, fn, has_aux: bool = False):
+        """`jax.value_and_grad` of `fn(params, *args)` with respect to the parameters that
+        train: the gradient tree holds those only (no gradient for a LoRA model's base)."""
+        def wrapped(params, *args):
+            trained, frozen = self.split(params)
+            return jax.value_and_grad(lambda t, *a: fn(self.combine(t, frozen), *a),
+                                      has_aux=has_aux)(trained, *args)
+        return wrapped
+
+    def checked_update(self, grads, opt_state, params, optimizer=None):
+        """`checked_update` of the parameters that train; returns the whole tree."""
+        trained, frozen = self.split(params)
+        new, opt_state, norm, finite = checked_update(optimizer or self.optimizer, grads,
+                                                      opt_state, trained)
+        return self.combine(new, frozen), opt_state, norm, finite
+
+    def guarded_update(self, state, grads, loss):
+        """`guarded_update` of the parameters that train; returns the whole state."""
+        trained, frozen = self.split(state.params)
+        new, grad_norm = guarded_update(state.replace(params=trained), grads, loss,
+                                        self.optimizer, self.nonfinite)
+        return new.replace(params=self.combine(new.params, frozen)), grad_norm
+
     # ------------------------------------------------------------------ shardings
     def param_shardings(self):
         return self.params.shardings(self.model_config, self.mesh)
@@ -98,7 +135,7 @@ class Trainer:
         params = self.param_shardings()
         abstract_params = jax.eval_shape(lambda: self.params.init(self.model_config,
                                                                   jax.random.PRNGKey(0)))
-        abstract_opt = jax.eval_shape(self.optimizer.init, abstract_params)
+        abstract_opt = jax.eval_shape(self.optimizer.init, self.split(abstract_params)[0])
         replicated = NamedSharding(self.mesh, PartitionSpec())
         flat_params = dict(zip(_paths(abstract_params), jax.tree_util.tree_leaves(params)))
 
@@ -126,7 +163,8 @@ class Trainer:
     # ------------------------------------------------------------------ state
     def _fresh(self, params) -> TrainState:
         zero = jnp.zeros((), jnp.int32)
-        return TrainState(step=zero, params=params, opt_state=self.optimizer.init(params),
+        return TrainState(step=zero, params=params,
+                          opt_state=self.optimizer.init(self.split(params)[0]),
                           nonfinite_steps=zero, last_nonfinite_step=zero)
 
     def _init(self, rng) -> TrainState:
@@ -188,8 +226,9 @@ class Trainer:
 
     def _train_step(self, state: TrainState, batch, rng):
         rng = jax.random.fold_in(rng, state.step)
-        grad_fn = jax.value_and_grad(lambda p, mb, r: self.loss_sums(p, mb, r, True),
-                                     has_aux=True)
+        trained, frozen = self.split(state.params)
+        grad_fn = jax.value_and_grad(
+            lambda p, mb, r: self.loss_sums(self.combine(p, frozen), mb, r, True), has_aux=True)
         micro = self._split_microbatches(batch)
 
         def accumulate(carry, xs):
@@ -197,19 +236,18 @@ class Trainer:
             mb, i = xs
             mb = {key: jax.lax.with_sharding_constraint(v, self.batch_sharding())
                   for key, v in mb.items()}
-            (loss, n), g = grad_fn(state.params, mb, jax.random.fold_in(rng, i))
+            (loss, n), g = grad_fn(trained, mb, jax.random.fold_in(rng, i))
             grads = jax.tree_util.tree_map(jnp.add, grads, g)
             return (grads, loss_sum + loss, count + n), None
 
-        zeros = jax.tree_util.tree_map(jnp.zeros_like, state.params)
+        zeros = jax.tree_util.tree_map(jnp.zeros_like, trained)
         (grads, loss_sum, count), _ = jax.lax.scan(
             accumulate, (zeros, jnp.zeros(()), jnp.zeros(())),
             (micro, jnp.arange(self.microbatches)))
         count = jnp.maximum(count, 1.0)
         grads = jax.tree_util.tree_map(lambda g: g / count, grads)
         loss = loss_sum / count
-        new_state, grad_norm = guarded_update(state, grads, loss, self.optimizer,
-                                              self.nonfinite)
+        new_state, grad_norm = self.guarded_update(state, grads, loss)
         metrics = {"loss": loss, "grad_norm": grad_norm,
                    "learning_rate": learning_rate_schedule(self.optimizer_config)(state.step),
                    "tokens": count, "nonfinite_steps": new_state.nonfinite_steps,

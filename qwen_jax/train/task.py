@@ -19,7 +19,10 @@ import numpy as np
 
 from qwen_jax.data import pipeline as data_lib
 from qwen_jax.io.checkpoint import load_params
+from qwen_jax.model import lora
 from qwen_jax.model.config import QwenConfig
+from qwen_jax.model.transformer import init_params, param_shardings
+from qwen_jax.parallel import sharding as shd
 from qwen_jax.train import flops
 from qwen_jax.train.build import Run, TrainError, build
 
@@ -57,10 +60,27 @@ def next_batch(iterator, what: str) -> dict:
 
 def initial_params(cfg, model_config: QwenConfig, shardings):
     """The parameters of `cfg.init_from` in the model's parameter dtype (e.g. float32 masters
-    from bf16 weights), on `shardings`."""
-    params, _ = load_params(cfg.init_from, model_config, shardings=shardings)
+    from bf16 weights), on `shardings`; a LoRA model gets fresh adapters on them (and its
+    base quantised if asked: qwen_jax.model.lora.attach)."""
     dtype = np.dtype(model_config.param_dtype)
-    return jax.tree.map(lambda x: x.astype(dtype), params)
+    if not model_config.lora_rank:
+        params, _ = load_params(cfg.init_from, model_config, shardings=shardings)
+        return jax.tree.map(lambda x: x.astype(dtype), params)
+    plain_config = model_config.replace(lora_rank=0, base_quant="none")
+    mesh = jax.tree.leaves(shardings)[0].mesh
+    params, _ = load_params(cfg.init_from, plain_config,
+                            shardings=param_shardings(plain_config, mesh))
+    if model_config.base_quant == "none":  # else quantised from the stored dtype
+        params = jax.tree.map(lambda x: x.astype(dtype), params)
+    rng = jax.random.PRNGKey(cfg.seed)
+    with shd.activation_sharding(mesh):
+        return jax.jit(lambda p, r: lora.attach(p, init_params(model_config, r), model_config),
+                       out_shardings=shardings)(params, rng)
+
+
+def has_sub_byte(tree) -> bool:
+    """Whether `tree` holds 4-bit arrays (a Q-LoRA model's quantised base)."""
+    return any(x.dtype in (jax.numpy.int4, jax.numpy.uint4) for x in jax.tree.leaves(tree))
 
 
 class Task:
@@ -139,7 +159,12 @@ class LMTask(Task):
             self.run.train_data.set_state(state)
 
     def compile(self, state, batch, rng):
-        return self.trainer.jit_train_step().lower(state, batch, rng).compile()
+        step = self.trainer.jit_train_step()
+        if has_sub_byte(state):
+            # XLA CPU hands out 4-bit arrays unpacked, while an ahead-of-time compile wants
+            # them packed; a jitted call lays its arguments out itself (and compiles once).
+            return step
+        return step.lower(state, batch, rng).compile()
 
     def evaluate(self, state) -> dict | None:
         run = self.run
