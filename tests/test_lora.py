@@ -203,3 +203,18 @@ def test_dpo_trains_a_lora_policy(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     evals = [r["eval_accuracy"] for r in records(workdir) if "eval_accuracy" in r]
     assert evals[-1] >= 0.8, evals
+
+
+def test_ppo_trains_a_lora_policy(reward_tiny_run, tmp_path):
+    """PPO with a LoRA policy: the value and reward models stay full models."""
+    workdir = tmp_path / "ppo"
+    result = runs.train("ppo_tiny", workdir, "--config.lora.rank=8",
+                        f"--config.align.reward_model={reward_tiny_run[0]}",
+                        "--config.num_train_steps=12", "--config.align.value_warmup_steps=4",
+                        "--config.log_every_steps=4", "--config.checkpoint_every_steps=12")
+    assert result.returncode == 0, result.stderr[-3000:]
+    logged = [r for r in records(workdir) if "policy_updated" in r]
+    assert [r["policy_updated"] for r in logged] == [0.0, 1.0, 1.0]
+    assert logged[-1]["grad_norm"] > 0
+    params, config = load_params(workdir)
+    assert config.lora_rank == 0 and "lm_head" in params
