@@ -2,7 +2,6 @@
 original's reference vectors."""
 
 import json
-import os
 import pathlib
 import unicodedata
 
@@ -14,20 +13,10 @@ from qwen_jax.data.tokenizer import SPECIAL_TOKEN_STRINGS, QwenTokenizer
 from qwen_jax.io import hf_tokenizer
 from qwen_jax.io.hf_tokenizer import CHAT_TEMPLATE, write_hf_tokenizer
 
+from conftest import tokenizer_vector_count
+
 PROJECT_ROOT = pathlib.Path(__file__).resolve().parents[1]
-_DEFAULT_VECTORS = PROJECT_ROOT.parent / "shared" / "reference" / "tokenizer_vectors.json"
 MAX_LENGTH = 6144
-
-
-def _count(key: str) -> int:
-    # Parametrisation happens before fixtures exist, so read the same env var as conftest.
-    path = pathlib.Path(os.environ.get("QWEN_TOKENIZER_VECTORS", _DEFAULT_VECTORS))
-    return len(json.loads(path.read_text())[key]) if path.exists() else 1
-
-
-@pytest.fixture(scope="module")
-def vectors(tokenizer_vectors_path):
-    return json.loads(pathlib.Path(tokenizer_vectors_path).read_text())
 
 
 @pytest.fixture(scope="module")
@@ -89,8 +78,8 @@ def test_written_files(written, qwen_tiktoken_path):
     assert [t["id"] for t in spec["added_tokens"]] == list(range(n_ranks, n_ranks + 208))
 
 
-def test_loads_natively(hf, ours, vectors):
-    facts = vectors["tokenizer_facts"]
+def test_loads_natively(hf, ours, tokenizer_vectors):
+    facts = tokenizer_vectors["tokenizer_facts"]
     assert isinstance(hf, transformers.PreTrainedTokenizerFast)
     assert len(hf) == ours.vocab_size == facts["n_vocab_tiktoken"]
     assert hf.eos_token_id == hf.pad_token_id == facts["eod_id(<|endoftext|>)"]
@@ -100,9 +89,9 @@ def test_loads_natively(hf, ours, vectors):
     assert hf.encode("Hello", add_special_tokens=True) == ours.encode("Hello")
 
 
-@pytest.mark.parametrize("index", range(_count("cases")))
-def test_reference_case(vectors, hf, ours, index):
-    case = vectors["cases"][index]
+@pytest.mark.parametrize("index", range(tokenizer_vector_count("cases")))
+def test_reference_case(tokenizer_vectors, hf, ours, index):
+    case = tokenizer_vectors["cases"][index]
     text, ids = case["text"], case["ids"]
     assert hf.encode(text, add_special_tokens=False) == ids
     assert hf(text, add_special_tokens=False, split_special_tokens=True)["input_ids"] == \
@@ -135,8 +124,8 @@ def test_matches_ours_on_varied_text(hf, ours):
     assert sum(map(len, expected)) > 1000
 
 
-def test_special_tokens(hf, ours, vectors):
-    facts = vectors["tokenizer_facts"]["special_tokens"]
+def test_special_tokens(hf, ours, tokenizer_vectors):
+    facts = tokenizer_vectors["tokenizer_facts"]["special_tokens"]
     assert len(SPECIAL_TOKEN_STRINGS) == len(facts) == 208
     for token in SPECIAL_TOKEN_STRINGS:
         token_id = facts[token]
@@ -192,9 +181,9 @@ def test_chat_template_matches_encode_conversation(hf, ours, messages):
         assert _chat_ids(hf, conversation, add_generation_prompt=False) == expected
 
 
-def test_chat_template_reference_examples(vectors, hf, ours):
+def test_chat_template_reference_examples(tokenizer_vectors, hf, ours):
     compared = 0
-    for example in vectors["chat_make_context_examples"]:
+    for example in tokenizer_vectors["chat_make_context_examples"]:
         if example["chat_format"] != "chatml":
             continue
         messages = [{"role": "system", "content": example["system"]}]

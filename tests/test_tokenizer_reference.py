@@ -1,8 +1,5 @@
 """Every case of tokenizer_vectors.json against the original QWenTokenizer's outputs."""
 
-import json
-import os
-import pathlib
 import unicodedata
 
 import pytest
@@ -16,19 +13,7 @@ from qwen_jax.data.tokenizer import (
     pieces_hex,
 )
 
-_DEFAULT_VECTORS = (pathlib.Path(__file__).resolve().parents[2]
-                    / "shared" / "reference" / "tokenizer_vectors.json")
-
-
-def _count(key: str) -> int:
-    # Parametrisation happens before fixtures exist, so read the same env var as conftest.
-    path = pathlib.Path(os.environ.get("QWEN_TOKENIZER_VECTORS", _DEFAULT_VECTORS))
-    return len(json.loads(path.read_text())[key]) if path.exists() else 1
-
-
-@pytest.fixture(scope="module")
-def vectors(tokenizer_vectors_path):
-    return json.loads(pathlib.Path(tokenizer_vectors_path).read_text())
+from conftest import tokenizer_vector_count
 
 
 @pytest.fixture(scope="module")
@@ -36,8 +21,8 @@ def tok(qwen_tiktoken_path):
     return QwenTokenizer(qwen_tiktoken_path)
 
 
-def test_facts(vectors, tok):
-    facts = vectors["tokenizer_facts"]
+def test_facts(tokenizer_vectors, tok):
+    facts = tokenizer_vectors["tokenizer_facts"]
     assert tok.special_tokens == facts["special_tokens"]
     assert tok.vocab_size == facts["n_vocab_tiktoken"]
     assert tok.eod_id == facts["eod_id(<|endoftext|>)"]
@@ -51,9 +36,9 @@ def test_facts(vectors, tok):
     assert PAT_STR == facts["pat_str"]
 
 
-@pytest.mark.parametrize("index", range(_count("cases")))
-def test_case(vectors, tok, index):
-    case = vectors["cases"][index]
+@pytest.mark.parametrize("index", range(tokenizer_vector_count("cases")))
+def test_case(tokenizer_vectors, tok, index):
+    case = tokenizer_vectors["cases"][index]
     text = case["text"]
     assert tok.encode(text) == case["ids"]
     assert tok.encode(text, allow_special=False) == case["ids_specials_as_text"]
@@ -84,9 +69,9 @@ def test_case(vectors, tok, index):
         assert (tok.decode(case["ids"]) == nfc) == case["roundtrip_equals_nfc_text"]
 
 
-@pytest.mark.parametrize("index", range(_count("chat_make_context_examples")))
-def test_make_context(vectors, tok, index):
-    ex = vectors["chat_make_context_examples"][index]
+@pytest.mark.parametrize("index", range(tokenizer_vector_count("chat_make_context_examples")))
+def test_make_context(tokenizer_vectors, tok, index):
+    ex = tokenizer_vectors["chat_make_context_examples"][index]
     raw_text, tokens = chat_format.make_context(
         tok, ex["query"], history=[tuple(h) for h in ex.get("history") or []],
         system=ex.get("system", chat_format.DEFAULT_SYSTEM),
