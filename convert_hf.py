@@ -5,7 +5,9 @@ a conversion against a PyTorch reference.
                                 [--overwrite]
     python convert_hf.py export <checkpoint_dir> <hf_dir> [--format qwen|qwen2]
                                 [--max-shard-size 5GB] [--dtype ...] [--tiktoken PATH]
-                                [--overwrite]
+                                [--adapter] [--overwrite]
+    python convert_hf.py import-adapter <peft_dir> <base_checkpoint> <checkpoint_dir>
+                                        [--overwrite]
     python convert_hf.py check <hf_dir_or_repo_id> <checkpoint_dir> [--length 512] [--batch 1]
                                [--seed 0] [--atol 1e-3] [--trust-remote-code]
     python convert_hf.py tokenizer <qwen.tiktoken> <out_dir> [--model-max-length 8192]
@@ -15,6 +17,12 @@ a conversion against a PyTorch reference.
 checkpoint's own modeling code; `--format qwen2` writes transformers' native Qwen2 layout
 (`AutoModelForCausalLM` without remote code, or `Qwen2ForSequenceClassification` for a reward
 model) with the tokenizer as `tokenizer.json`. `tokenizer` writes that tokenizer alone.
+
+`export --adapter` writes a LoRA run's adapters (not the merged model) as a PEFT LoRA adapter,
+adapter_config.json + adapter_model.safetensors, with the module names of `--format`;
+`import-adapter` puts a PEFT LoRA adapter (either layout) onto a base checkpoint and saves a
+LoRA checkpoint, which loads merged and exports back to the same adapter tensors
+(qwen_jax/io/peft.py).
 
 User errors (bad paths, bad or mismatched weights, bad flags) print one `error: ...` line on
 stderr and exit with status 1 (2 for bad command-line usage), leaving no output behind.
@@ -95,6 +103,8 @@ def cmd_export(args) -> int:
 
     target = pathlib.Path(args.hf_dir)
     _check_target(target, args.overwrite)
+    if args.adapter:
+        return export_adapter(args, target)
     if args.format == "qwen2":
         return export_qwen2(args, target)
     if args.tiktoken:
@@ -112,6 +122,28 @@ def cmd_export(args) -> int:
                                             tmp)
     print(f"exported {args.checkpoint_dir} -> {target}: {len(names)} safetensors file(s), "
           f"{config.param_dtype}{', with ' + ', '.join(extras) if extras else ''}")
+    return 0
+
+
+def export_adapter(args, target: pathlib.Path) -> int:
+    """`export --adapter`: the adapters of a LoRA run as a PEFT LoRA adapter."""
+    from qwen_jax.io import peft
+
+    if args.tiktoken:
+        raise UserError("--tiktoken is for --format qwen2 model exports, not --adapter")
+    for line in peft.export_adapter(args.checkpoint_dir, target, layout=args.format,
+                                    dtype=args.dtype, overwrite=args.overwrite):
+        print(line)
+    return 0
+
+
+def cmd_import_adapter(args) -> int:
+    from qwen_jax.io import peft
+
+    target = pathlib.Path(args.checkpoint_dir)
+    _check_target(target, args.overwrite)
+    for line in peft.import_adapter(args.peft_dir, args.base, target, overwrite=args.overwrite):
+        print(line)
     return 0
 
 
@@ -265,8 +297,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-shard-size", type=parse_size, default=parse_size("5GB"),
                    help="largest safetensors file before sharding with an index (default 5GB)")
     p.add_argument("--dtype", choices=dtypes, help="cast the weights (default: as stored)")
+    p.add_argument("--adapter", action="store_true",
+                   help="a LoRA run: write its adapters as a PEFT LoRA adapter "
+                        "(adapter_config.json + adapter_model.safetensors) in --format's "
+                        "module names instead of the merged model")
     p.add_argument("--overwrite", action="store_true", help="replace an existing directory")
     p.set_defaults(run=cmd_export)
+
+    p = sub.add_parser("import-adapter", help="PEFT LoRA adapter + base checkpoint -> qwen_jax "
+                                              "LoRA checkpoint")
+    p.add_argument("peft_dir", help="the adapter: adapter_config.json + "
+                                    "adapter_model.safetensors (Qwen v1 or Qwen2 names)")
+    p.add_argument("base", help="the base model: a qwen_jax checkpoint or training run")
+    p.add_argument("checkpoint_dir", help="the LoRA checkpoint to write")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing checkpoint")
+    p.set_defaults(run=cmd_import_adapter)
 
     p = sub.add_parser("check", help="compare our logits with a PyTorch reference")
     p.add_argument("hf_dir", help="the Hugging Face checkpoint (directory or repo id)")

@@ -120,13 +120,17 @@ def copy_side_files(source_dir, target_dir) -> list[str]:
 
 def save_checkpoint(directory, params, config: QwenConfig, tokenizer_file=None,
                     overwrite: bool = False, hf_source: dict | None = None,
-                    side_files_from=None) -> pathlib.Path:
+                    side_files_from=None, extra_files: dict[str, str] | None = None
+                    ) -> pathlib.Path:
     """`hf_source`: {"config": the imported config.json, "dtype": its weights' dtype};
-    `side_files_from`: a directory whose vocabulary and generation config come along."""
+    `side_files_from`: a directory whose vocabulary and generation config come along;
+    `extra_files`: {file name: text} written beside them (e.g. an imported adapter's record)."""
     with atomic_directory(directory, overwrite=overwrite) as tmp:
         write_params(tmp, params, config)
         if side_files_from is not None:
             copy_side_files(side_files_from, tmp)
+        for name, text in (extra_files or {}).items():
+            (tmp / name).write_text(text)
         if tokenizer_file is not None:
             shutil.copyfile(tokenizer_file, tmp / TOKENIZER_FILE)
         if hf_source is not None:
@@ -255,20 +259,45 @@ def load_params(directory, config: QwenConfig | None = None, shardings=None, as_
     return params, config
 
 
-def _load_lora_params(directory, located, params_dir, stored, config, shardings, as_numpy):
-    """The parameters of a LoRA run with the adapters merged into the base (see load_params)."""
-    from qwen_jax.model import lora
+def _restore_lora_tree(located, params_dir, stored):
+    """The raw parameters of a LoRA model (base, adapters, quantised kernels) as host arrays."""
     from qwen_jax.model.transformer import abstract_params
 
     abstract = jax.tree_util.tree_map(lambda s: np.zeros(s.shape, s.dtype),
                                       abstract_params(stored))
     try:
         if located.step_dir is None:
-            params = ocp.StandardCheckpointer().restore(params_dir, abstract)
-        else:
-            params = _restore_train_params(params_dir, abstract, True)
+            return ocp.StandardCheckpointer().restore(params_dir, abstract)
+        return _restore_train_params(params_dir, abstract, True)
     except (ValueError, FileNotFoundError, KeyError) as e:
         raise CheckpointError(f"{params_dir}: cannot restore parameters: {e}") from None
+
+
+def load_lora_params(directory):
+    """(params, config) of a LoRA model as stored, adapters unmerged: the base (its layer
+    kernels quantised for Q-LoRA), the adapters and any modules_to_save, as numpy arrays;
+    `config` keeps its lora fields. A checkpoint without adapters is a CheckpointError."""
+    directory = pathlib.Path(directory).absolute()
+    stored = load_config(directory)
+    located = locate(directory)
+    kind = _params_kind(located)
+    if kind != "lm":
+        raise CheckpointError(f"{directory}: a {kind!r} run, not a language model's LoRA run")
+    if not stored.lora_rank:
+        raise CheckpointError(f"{directory}: not a LoRA model (lora_rank=0): it has no "
+                              "adapters (export it without --adapter for the full model)")
+    params_dir = (located.step_dir / STEP_STATE if located.step_dir is not None
+                  else directory / PARAMS_DIR)
+    if not params_dir.is_dir():
+        raise CheckpointError(f"{directory}: no {PARAMS_DIR}/ (incomplete checkpoint)")
+    return _restore_lora_tree(located, params_dir, stored), stored
+
+
+def _load_lora_params(directory, located, params_dir, stored, config, shardings, as_numpy):
+    """The parameters of a LoRA run with the adapters merged into the base (see load_params)."""
+    from qwen_jax.model import lora
+
+    params = _restore_lora_tree(located, params_dir, stored)
     params, plain = lora.merge(params, stored)
     if config is None or config.lora_rank:
         config = plain
