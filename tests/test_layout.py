@@ -22,6 +22,7 @@ RANKS = {
     "cli": 3,        # what every command line shares
     "infer": 4,      # sampling, generation, chat, perplexity
     "align": 5,      # reward model, PPO, DPO
+    "serve": 6,      # the OpenAI-compatible server: tool prompts, and the sampler of infer/
     "__init__": 9,   # the public surface re-exports from everywhere
     "__main__": 9,   # `python -m qwen_jax.<cli>` entry modules
 }
