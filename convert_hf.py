@@ -138,11 +138,12 @@ def export_adapter(args, target: pathlib.Path) -> int:
 
 
 def cmd_import_adapter(args) -> int:
-    from qwen_jax.io import peft
+    from qwen_jax.io import peft_import
 
     target = pathlib.Path(args.checkpoint_dir)
     _check_target(target, args.overwrite)
-    for line in peft.import_adapter(args.peft_dir, args.base, target, overwrite=args.overwrite):
+    for line in peft_import.import_adapter(args.peft_dir, args.base, target,
+                                           overwrite=args.overwrite):
         print(line)
     return 0
 
