@@ -40,6 +40,16 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                    help="compute and KV-cache dtype (default: the checkpoint's)")
 
 
+KV_CACHE_CHOICES = ("bf16", "int8")
+
+
+def add_kv_cache_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--kv-cache", choices=KV_CACHE_CHOICES,
+                   help="KV cache storage (default: the compute dtype); int8 is the original's "
+                   "use_cache_quantization: uint8 with a float32 scale and zero point per row, "
+                   "head and appended chunk, about half the memory of bf16")
+
+
 def load_model(args):
     """(params, config, tokenizer) of --checkpoint, with --dtype applied."""
     directory = pathlib.Path(args.checkpoint)

@@ -1,6 +1,7 @@
 """Interactive ChatML chat with a checkpoint, the reply streamed as it is generated.
 
-    python -m qwen_jax.chat --checkpoint DIR [--system TEXT] [--max-window-size N] [sampling]
+    python -m qwen_jax.chat --checkpoint DIR [--system TEXT] [--max-window-size N]
+                            [--kv-cache {bf16,int8}] [sampling]
 
 Each user message becomes the original Qwen `make_context` prompt: the system prompt, the
 history newest-first while it fits max_window_size, the new query. On a terminal it prompts
@@ -13,7 +14,7 @@ from __future__ import annotations
 import sys
 import time
 
-from qwen_jax.cli import Parser, add_model_args, load_model, run_cli
+from qwen_jax.cli import Parser, add_kv_cache_arg, add_model_args, load_model, run_cli
 from qwen_jax.data import chat_format
 from qwen_jax.infer.generate import (
     GenerationError,
@@ -44,6 +45,7 @@ class Conversation:
 def _main(argv=None) -> int:
     p = Parser(prog="python -m qwen_jax.chat", description="Chat with a Qwen checkpoint.")
     add_model_args(p)
+    add_kv_cache_arg(p)
     p.add_argument("--system", default=chat_format.DEFAULT_SYSTEM, help="the system prompt")
     p.add_argument("--max-window-size", type=int,
                    help="history budget in tokens (default: the generation config's, 6144)")
@@ -58,7 +60,7 @@ def _main(argv=None) -> int:
     gen = gen.replace(stop_sequences=stops, max_window_size=window)
     # One cache size for the whole chat, so the decode step compiles once.
     max_length = args.max_length or window + gen.max_new_tokens
-    print(describe_cache(config, 1, max_length), file=sys.stderr)
+    print(describe_cache(config, 1, max_length, args.kv_cache), file=sys.stderr)
     conversation = Conversation(tokenizer, args.system, window)
     interactive = sys.stdin.isatty()
     failed, turn = False, 0
@@ -80,7 +82,8 @@ def _main(argv=None) -> int:
         start = time.perf_counter()
         try:
             result = generate(params, config, [conversation.prompt_ids(query)], gen,
-                              seed=args.seed + turn, max_length=max_length, stream=streamer)
+                              seed=args.seed + turn, max_length=max_length, stream=streamer,
+                              kv_cache=args.kv_cache)
         except GenerationError as e:  # e.g. a message too long for the cache: skip the turn
             print("error: " + " ".join(str(e).split()), file=sys.stderr)
             failed = True

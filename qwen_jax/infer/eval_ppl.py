@@ -3,13 +3,18 @@
     python -m qwen_jax.eval_ppl --checkpoint DIR --data PATH --lengths 1024,2048,4096,8192
                                 [--dynamic-ntk] [--logn] [--window W | W1,W2,...]
                                 [--batch-size 1] [--max-windows N] [--plot out.png]
-                                [--trained-length N]
+                                [--trained-length N] [--kv-cache {bf16,int8}]
 
 Every document is cut into non-overlapping windows of each length (a remainder shorter than
 the length is dropped); each window is one forward without a cache, and perplexity is
 exp(mean NLL) over every predicted token of every window. Rows of the printed markdown table
 add the requested techniques one at a time to the baseline (both off, no windows), in the
 report's order: dynamic NTK, LogN, window attention. A length no document reaches shows "-".
+
+--kv-cache int8 measures what the original's `use_cache_quantization` costs: that code quantises
+keys and values before attention even in a forward without a cache, so each window then runs
+as one prefill into an int8 cache (the window is one chunk: one scale/zero per row and head);
+bf16 rounds keys and values to bf16 the same way. Without the flag no cache is used.
 
 --data: a text file (one document), a .jsonl file ({"text": ...} per line), a directory
 (each file one document), or `stdlib-validation` (the standard-library files that training on
@@ -30,18 +35,20 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from qwen_jax.cli import CLIError, Parser, add_model_args, load_model, run_cli
+from qwen_jax.cli import CLIError, Parser, add_kv_cache_arg, add_model_args, load_model, run_cli
 from qwen_jax.data.sources import document_text, list_documents
 from qwen_jax.io.checkpoint import locate, step_record
 from qwen_jax.model.config import QwenConfig
+from qwen_jax.model.kv_cache import init_cache
 from qwen_jax.model.transformer import Qwen
 
 LOGITS_CHUNK = 1024  # positions whose [chunk, vocab] logits exist at one time
 
 
-@functools.partial(jax.jit, static_argnames=("config",))
-def window_nll(params, tokens, *, config: QwenConfig):
-    """Sum of next-token NLLs of each window [B, L] -> [B] float32 (L - 1 predictions)."""
+@functools.partial(jax.jit, static_argnames=("config", "kv_cache"))
+def window_nll(params, tokens, *, config: QwenConfig, kv_cache: str | None = None):
+    """Sum of next-token NLLs of each window [B, L] -> [B] float32 (L - 1 predictions);
+    with `kv_cache` ("int8", "bf16") the window is one prefill into such a cache."""
     targets = jnp.pad(tokens[:, 1:], ((0, 0), (0, 1)))
 
     def nll_head(hidden, to_logits):
@@ -55,11 +62,13 @@ def window_nll(params, tokens, *, config: QwenConfig):
                        - jnp.take_along_axis(logits, target, axis=-1))
         return jnp.concatenate(out, axis=1)
 
-    nll, _ = Qwen(config).apply({"params": params}, tokens, head=nll_head)
+    cache = None if kv_cache is None else init_cache(config, *tokens.shape, kv_cache)
+    nll, _ = Qwen(config).apply({"params": params}, tokens, head=nll_head, cache=cache)
     return jnp.sum(nll[:, :-1, 0], axis=1)
 
 
-def perplexity(params, config: QwenConfig, windows: np.ndarray, batch_size: int) -> float:
+def perplexity(params, config: QwenConfig, windows: np.ndarray, batch_size: int,
+               kv_cache: str | None = None) -> float:
     """exp(mean token NLL) over windows [n, L]; the last batch is filled up with zero weight."""
     total = 0.0
     for start in range(0, len(windows), batch_size):
@@ -67,7 +76,8 @@ def perplexity(params, config: QwenConfig, windows: np.ndarray, batch_size: int)
         real = len(batch)
         if real < batch_size:
             batch = np.concatenate([batch, np.repeat(batch[:1], batch_size - real, axis=0)])
-        total += float(np.sum(np.asarray(window_nll(params, batch, config=config))[:real]))
+        nll = window_nll(params, batch, config=config, kv_cache=kv_cache)
+        total += float(np.sum(np.asarray(nll)[:real]))
     return math.exp(total / (len(windows) * (windows.shape[1] - 1)))
 
 
@@ -224,6 +234,7 @@ def save_plot(path, lengths, results, *, trained_length: int | None = None,
 def _main(argv=None) -> int:
     p = Parser(prog="python -m qwen_jax.eval_ppl", description=__doc__.splitlines()[0])
     add_model_args(p)
+    add_kv_cache_arg(p)
     p.add_argument("--data", required=True,
                    help="text file, .jsonl file, directory, or stdlib-validation")
     p.add_argument("--lengths", default="1024,2048,4096,8192", help="window lengths")
@@ -267,7 +278,8 @@ def _main(argv=None) -> int:
         ppls = []
         for length in lengths:
             cut = cut_windows(ids, length, args.max_windows)
-            ppls.append(perplexity(params, row_config, cut, args.batch_size) if len(cut) else None)
+            ppls.append(perplexity(params, row_config, cut, args.batch_size, args.kv_cache)
+                        if len(cut) else None)
             print(f"{label} @ {length}: {len(cut)} window(s), perplexity "
                   f"{'-' if ppls[-1] is None else f'{ppls[-1]:.3f}'}", file=sys.stderr)
         results.append((label, ppls))

@@ -10,6 +10,10 @@ while loop measured no faster). Both give the same tokens; `loop=` forces one.
 Prompts are LEFT padded to a common length (rounded up to `pad_to_multiple` so that prompt
 lengths share compilations); padding has segment id 0, so every row has its own positions and
 NTK level and gets exactly what it gets alone. All rows write one shared cache slot per step.
+`kv_cache="int8"` stores the cache as the original's `use_cache_quantization` does (uint8 with
+a float32 scale/zero per row, head and appended chunk: about half the memory of bf16;
+`qwen_jax.model.kv_cache`); padding is left out of a row's scale/zero, so a padded row still
+gets what it gets alone.
 A row that hits a stop sequence emits `pad_token_id` from then on while the others go on.
 
 CLI: python -m qwen_jax.generate --checkpoint DIR (--prompt TEXT | --prompts-file FILE) [...]
@@ -32,12 +36,12 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
 
-from qwen_jax.cli import CLIError, Parser, add_model_args, load_model, run_cli
+from qwen_jax.cli import CLIError, Parser, add_kv_cache_arg, add_model_args, load_model, run_cli
 from qwen_jax.infer import sampling
 from qwen_jax.infer.sampling import GenerationConfig, GenerationError, load_generation_config
 from qwen_jax.io.checkpoint import side_files_dir
 from qwen_jax.model.config import QwenConfig
-from qwen_jax.model.kv_cache import KVCache, cache_bytes, init_cache
+from qwen_jax.model.kv_cache import KVCache, cache_bytes, cache_dtype, init_cache
 from qwen_jax.model.transformer import Qwen
 
 __all__ = ["GenerationConfig", "GenerationError", "GenerationResult", "TextStreamer", "generate",
@@ -167,7 +171,7 @@ def generate(params, config: QwenConfig, prompts: Sequence[Sequence[int]],
              gen: GenerationConfig | None = None, *, seed: int = 0, max_length: int | None = None,
              stream: Callable[[np.ndarray, np.ndarray], None] | None = None,
              return_logits: bool = False, loop: str = "auto",
-             pad_to_multiple: int = 64) -> GenerationResult:
+             pad_to_multiple: int = 64, kv_cache: str | None = None) -> GenerationResult:
     """Generate from a batch of token-id prompts.
 
     max_length: cache slots (padded prompt + new tokens); default the padded prompt length plus
@@ -177,6 +181,8 @@ def generate(params, config: QwenConfig, prompts: Sequence[Sequence[int]],
     loop: "auto" ("while" without `stream`, else "python"), "python" (one jitted step per
       token, the next dispatched before the current token is read back) or "while" (one
       lax.while_loop; streaming through io_callback).
+    kv_cache: None (the compute dtype), a float dtype ("bf16", "float32", ...) or "int8" (the
+      original's quantised cache: uint8 + float32 scale/zero per row, head and chunk).
     """
     gen = gen or GenerationConfig()
     prompts = [[int(t) for t in p] for p in prompts]
@@ -186,6 +192,10 @@ def generate(params, config: QwenConfig, prompts: Sequence[Sequence[int]],
     if bad:
         raise GenerationError(f"token id {bad[0]} outside the model vocabulary "
                               f"[0, {config.vocab_size})")
+    try:
+        cache_dtype(kv_cache)
+    except ValueError as e:
+        raise GenerationError(str(e)) from None
     if loop not in ("auto", "python", "while"):
         raise GenerationError(f"loop={loop!r}: expected 'auto', 'python' or 'while'")
     loop = ("python" if stream is not None else "while") if loop == "auto" else loop
@@ -204,7 +214,7 @@ def generate(params, config: QwenConfig, prompts: Sequence[Sequence[int]],
         segment_ids[row, padded - len(p):] = 1
     s = _Static(config, gen.sampling, tuple(tuple(q) for q in gen.stop_sequences),
                 gen.pad_token_id)
-    cache = init_cache(config, len(prompts), max_length)
+    cache = init_cache(config, len(prompts), max_length, kv_cache)
     state, info = _prefill(params, tokens, segment_ids, cache, jax.random.PRNGKey(seed), s=s,
                            num_new=num_new, return_logits=return_logits)
     if loop == "while":
@@ -228,7 +238,7 @@ def generate(params, config: QwenConfig, prompts: Sequence[Sequence[int]],
             _deliver(pending, stream)
     out, num, stop_len, logits = to_host((state.out, state.num, state.stop_len, state.logits))
     return GenerationResult(out, num, stop_len, logits, max_length,
-                            cache_bytes(config, len(prompts), max_length))
+                            cache_bytes(config, len(prompts), max_length, kv_cache))
 
 
 def to_host(tree):
@@ -295,14 +305,18 @@ def generation_config_from_args(args, tokenizer) -> GenerationConfig:
     return gen.replace(do_sample=False) if args.greedy else gen
 
 
-def describe_cache(config: QwenConfig, batch: int, max_length: int) -> str:
-    return (f"kv cache: {batch} x {max_length} slots, {config.dtype}, "
-            f"{cache_bytes(config, batch, max_length) / 2**20:.2f} MiB")
+def describe_cache(config: QwenConfig, batch: int, max_length: int, kv_cache=None) -> str:
+    kind = cache_dtype(kv_cache)
+    kind = ("int8 (uint8 + float32 scale/zero)" if kind == "int8"
+            else str(kind or config.dtype))
+    return (f"kv cache: {batch} x {max_length} slots, {kind}, "
+            f"{cache_bytes(config, batch, max_length, kv_cache) / 2**20:.2f} MiB")
 
 
 def _main(argv=None) -> int:
     p = Parser(prog="python -m qwen_jax.generate", description="Generate text from prompts.")
     add_model_args(p)
+    add_kv_cache_arg(p)
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompt", help="one prompt; its completion is streamed to stdout")
     src.add_argument("--prompts-file", help="one prompt per line; one JSON line out per prompt")
@@ -327,9 +341,10 @@ def _main(argv=None) -> int:
         streamer = TextStreamer(tokenizer) if args.prompt is not None else None
         t0 = time.perf_counter()
         result = generate(params, config, ids, gen, seed=args.seed, max_length=length,
-                          stream=streamer)
+                          stream=streamer, kv_cache=args.kv_cache)
         elapsed = time.perf_counter() - t0
-        print(describe_cache(config, len(batch), result.cache_slots), file=sys.stderr)
+        print(describe_cache(config, len(batch), result.cache_slots, args.kv_cache),
+              file=sys.stderr)
         print(f"generated {int(result.num_tokens.sum())} tokens in {elapsed:.2f} s",
               file=sys.stderr)
         for row, text in enumerate(batch):

@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
-from qwen_jax.model import long_context, lora
+from qwen_jax.model import kv_cache, long_context, lora
 from qwen_jax.model.attention import attention
 from qwen_jax.model.config import QwenConfig
 from qwen_jax.model.kv_cache import KVCache
@@ -74,19 +74,14 @@ class Attention(nn.Module):
         new_cache_kv = None
         if cache_kv is not None:
             # Written in place into the stacked cache (a slice written back per layer would
-            # copy the whole layer cache every step), then this layer's slice is read.
-            cache_k, cache_v = cache_kv
-            start = (jnp.asarray(layer_idx, jnp.int32), 0, 0,
-                     jnp.asarray(ctx["q_offset"], jnp.int32), 0)
-
-            def write(cache, x):  # x [B, T, N, D] -> cache [L, B, N, S, D]
-                x = jnp.swapaxes(x, 1, 2).astype(cache.dtype)[None]
-                return jax.lax.dynamic_update_slice(cache, x, start)
-
-            cache_k, cache_v = write(cache_k, k), write(cache_v, v)
+            # copy the whole layer cache every step), then this layer's slice is read. An int8
+            # cache quantises the chunk (its real tokens' min/max) before attention reads it.
+            valid = ctx["q_segment_ids"] != 0
+            cache_k, cache_v = (kv_cache.write_layer(c, x, layer_idx, ctx["q_offset"], valid)
+                                for c, x in zip(cache_kv, (k, v)))
             new_cache_kv = (cache_k, cache_v)
-            k = jnp.swapaxes(cache_k[layer_idx], 1, 2).astype(q.dtype)
-            v = jnp.swapaxes(cache_v[layer_idx], 1, 2).astype(q.dtype)
+            k = kv_cache.read_layer(cache_k, layer_idx, q.dtype)
+            v = kv_cache.read_layer(cache_v, layer_idx, q.dtype)
 
         dropout_rng = None
         if self.train and cfg.attn_dropout_prob > 0.0:
