@@ -236,10 +236,7 @@ def load_params(directory, config: QwenConfig | None = None, shardings=None, as_
     if kind != "lm":
         raise CheckpointError(f"{directory}: a {kind!r} run (its parameters are not a language "
                               "model's: no lm_head); a reward run is the reward_model of PPO")
-    params_dir = (located.step_dir / STEP_STATE if located.step_dir is not None
-                  else directory / PARAMS_DIR)
-    if not params_dir.is_dir():
-        raise CheckpointError(f"{directory}: no {PARAMS_DIR}/ (incomplete checkpoint)")
+    params_dir = _params_dir(directory, located)
     # local: keeps this module light for the CLI
     from qwen_jax.model.transformer import abstract_params
 
@@ -286,10 +283,7 @@ def load_lora_params(directory):
     if not stored.lora_rank:
         raise CheckpointError(f"{directory}: not a LoRA model (lora_rank=0): it has no "
                               "adapters (export it without --adapter for the full model)")
-    params_dir = (located.step_dir / STEP_STATE if located.step_dir is not None
-                  else directory / PARAMS_DIR)
-    if not params_dir.is_dir():
-        raise CheckpointError(f"{directory}: no {PARAMS_DIR}/ (incomplete checkpoint)")
+    params_dir = _params_dir(directory, located)
     return _restore_lora_tree(located, params_dir, stored), stored
 
 
@@ -306,6 +300,15 @@ def _load_lora_params(directory, located, params_dir, stored, config, shardings,
     elif not as_numpy:
         params = jax.tree_util.tree_map(jax.numpy.asarray, params)
     return params, config
+
+
+def _params_dir(directory: pathlib.Path, located) -> pathlib.Path:
+    """Where the parameters of a located checkpoint are: a run step's state, or PARAMS_DIR."""
+    params_dir = (located.step_dir / STEP_STATE if located.step_dir is not None
+                  else directory / PARAMS_DIR)
+    if not params_dir.is_dir():
+        raise CheckpointError(f"{directory}: no {PARAMS_DIR}/ (incomplete checkpoint)")
+    return params_dir
 
 
 def run_kind(directory) -> str:

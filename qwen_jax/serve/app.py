@@ -160,6 +160,17 @@ def _error_response(e: EngineError) -> JSONResponse:
     return JSONResponse(error_body(e.message, e.type, e.param, e.code), status_code=e.status)
 
 
+
+async def _collect(service, req, request):
+    """(texts, finish reasons) of a whole request, or a 499 response when the client left;
+    the request is cancelled either way once it is over."""
+    try:
+        return await service.collect(req, request)
+    except ClientGone:
+        return Response(status_code=499)
+    finally:
+        req.cancel()
+
 def _call_delta(call: dict, legacy: bool) -> dict:
     if legacy:
         return {"function_call": call["function"]}
@@ -272,12 +283,10 @@ def create_app(service: Service) -> FastAPI:
                                                   body.include_usage()),
                                      media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache"})
-        try:
-            texts, reasons = await service.collect(req, request)
-        except ClientGone:
-            return Response(status_code=499)
-        finally:
-            req.cancel()
+        collected = await _collect(service, req, request)
+        if isinstance(collected, Response):
+            return collected
+        texts, reasons = collected
         choices = []
         for i, (text, reason) in enumerate(zip(texts, reasons)):
             result = tools.parse(text, fns)
@@ -306,12 +315,10 @@ def create_app(service: Service) -> FastAPI:
                                                         body.include_usage()),
                                      media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache"})
-        try:
-            texts, reasons = await service.collect(req, request)
-        except ClientGone:
-            return Response(status_code=499)
-        finally:
-            req.cancel()
+        collected = await _collect(service, req, request)
+        if isinstance(collected, Response):
+            return collected
+        texts, reasons = collected
         return {**head, "object": "text_completion", "usage": service.usage(req),
                 "choices": [{"index": i, "text": echo[i] + t, "logprobs": None,
                              "finish_reason": r}
