@@ -60,7 +60,7 @@ def finish(procs, timeout=300) -> None:
                 p.kill()
                 p.wait()
     for p, (_, err) in zip(procs, outputs):
-        assert p.returncode == 0, err[-3000:]
+        assert p.returncode == 0, err[:3000] + "\n...\n" + err[-3000:]
 
 
 def train(workdir, processes, *overrides, steps=STEPS, timeout=300, **kwargs):
@@ -164,26 +164,3 @@ def test_kill_one_process_then_restart_the_job(tmp_path):
                                [want[s] for s in range(1, steps + 1)], rtol=0, atol=1e-5)
     summary = json.loads((workdir / "summary.json").read_text())
     assert summary["final_step"] == steps
-
-
-@pytest.mark.slow
-def test_ppo_on_two_processes_runs_like_one(reward_tiny_run, tmp_path):
-    """PPO (rollouts with the KV-cache sampler, four models, the value warm-up, then policy
-    updates) on 2 processes x 4 devices logs what 1 process x 8 devices logs, and
-    stopping both processes at step 4 and resuming the job ends in the same place."""
-    steps = 8
-    common = [f"--config.align.reward_model={reward_tiny_run[0]}", "--config.mesh=(2,2,2)",
-              "--config.log_every_steps=1", "--config.checkpoint_every_steps=4",
-              "--config.align.value_warmup_steps=2"]
-    kwargs = dict(steps=steps, config="configs/ppo_tiny.py", common=common, timeout=900)
-    single_dir, two_dir = tmp_path / "single", tmp_path / "two"
-    train(single_dir, 1, **kwargs)
-    train(two_dir, 2, "--stop_at_step=4", **kwargs)
-    assert latest_run_step(two_dir) == 4
-    train(two_dir, 2, **kwargs)
-    for key in ("loss", "reward_mean", "kl", "entropy", "value_loss"):
-        got, want = logged(two_dir, key), logged(single_dir, key)
-        assert sorted(got) == sorted(want) == list(range(1, steps + 1)), key
-        np.testing.assert_allclose([got[s] for s in want], list(want.values()), rtol=1e-4,
-                                   atol=1e-5, err_msg=key)
-    assert logged(single_dir, "policy_updated")[steps] == 1.0
