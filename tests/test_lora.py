@@ -218,3 +218,22 @@ def test_ppo_trains_a_lora_policy(reward_tiny_run, tmp_path):
     assert logged[-1]["grad_norm"] > 0
     params, config = load_params(workdir)
     assert config.lora_rank == 0 and "lm_head" in params
+
+
+def test_sft_trains_a_lora_model_with_the_release_labels(base_run, tmp_path):
+    """LoRA SFT on ChatML conversations with the release's labels (`lora_sft_7b`'s setting),
+    from a trained base: the training loss falls."""
+    import json
+    rows = [{"messages": [{"role": "user", "content": f"What is {i} + {i}?"},
+                          {"role": "assistant", "content": f"{i} + {i} = {2 * i}."}]}
+            for i in range(40)]
+    (tmp_path / "sft.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    workdir = tmp_path / "run"
+    result = runs.train("lora_tiny", workdir, f"--config.init_from={base_run}",
+                        "--config.data.kind=sft", f"--config.data.source={tmp_path}/sft.jsonl",
+                        "--config.data.loss_mask=release", "--config.data.seq_len=128",
+                        "--config.num_train_steps=60", "--config.log_every_steps=10",
+                        "--config.eval_every_steps=0", "--config.checkpoint_every_steps=60")
+    assert result.returncode == 0, result.stderr[-3000:]
+    losses = [r["loss"] for r in records(workdir) if "loss" in r]
+    assert losses[-1] < 0.7 * losses[0], losses
