@@ -43,15 +43,6 @@ def tokenizer_vectors_path() -> pathlib.Path:
     return _must_exist(path, "tokenizer vectors file", "QWEN_TOKENIZER_VECTORS")
 
 
-def tokenizer_vector_count(key: str) -> int:
-    """How many entries `key` of the tokenizer vectors has (for parametrising at collection
-    time, before fixtures exist: the same env var as `tokenizer_vectors_path`); 1 when the
-    file is missing, so that the single test then fails on the fixture."""
-    path = pathlib.Path(os.environ.get("QWEN_TOKENIZER_VECTORS",
-                                       SHARED_REFERENCE / "tokenizer_vectors.json"))
-    return len(json.loads(path.read_text())[key]) if path.exists() else 1
-
-
 @pytest.fixture(scope="session")
 def tokenizer_vectors(tokenizer_vectors_path) -> dict:
     return json.loads(pathlib.Path(tokenizer_vectors_path).read_text())

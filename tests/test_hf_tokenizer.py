@@ -13,7 +13,7 @@ from qwen_jax.data.tokenizer import SPECIAL_TOKEN_STRINGS, QwenTokenizer
 from qwen_jax.io import hf_tokenizer
 from qwen_jax.io.hf_tokenizer import CHAT_TEMPLATE, write_hf_tokenizer
 
-from conftest import tokenizer_vector_count
+from reference_counts import tokenizer_vector_count
 
 PROJECT_ROOT = pathlib.Path(__file__).resolve().parents[1]
 MAX_LENGTH = 6144

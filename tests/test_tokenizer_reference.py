@@ -13,7 +13,7 @@ from qwen_jax.data.tokenizer import (
     pieces_hex,
 )
 
-from conftest import tokenizer_vector_count
+from reference_counts import tokenizer_vector_count
 
 
 @pytest.fixture(scope="module")
