@@ -221,9 +221,9 @@ def _n_contract(module: str) -> int:
     return 2 if module == "o" else 1
 
 
-def merge(params, config: QwenConfig, *, xp=np):
+def merge(params, config: QwenConfig):
     """A LoRA (or Q-LoRA) model's parameters -> the plain model's (kernels W + scale A B,
-    dequantised first), and the config without LoRA. Works on numpy (xp=np) or jax arrays;
+    dequantised first), as float32-computed numpy arrays, and the config without LoRA;
     stacked or per-layer layouts."""
     flat = dict(_flat(params))
     s = scale(config) if config.lora_rank else 0.0
@@ -231,33 +231,33 @@ def merge(params, config: QwenConfig, *, xp=np):
         module = key[:-1]
         w = dequantize_kernel(jnp.asarray(flat.pop(key)), jnp.asarray(flat.pop(
             module + (QUANT_SCALE,))), config)
-        flat[module + ("kernel",)] = xp.asarray(w, dtype=np.float32)
+        flat[module + ("kernel",)] = np.asarray(w, dtype=np.float32)
     for key in [k for k in flat if k[-1] == LORA_A]:
         module = key[:-1]
-        a = xp.asarray(flat.pop(key), np.float32)
-        b = xp.asarray(flat.pop(module + (LORA_B,)), np.float32)
+        a = np.asarray(flat.pop(key), np.float32)
+        b = np.asarray(flat.pop(module + (LORA_B,)), np.float32)
         if module[-1] == ADAPTER:  # under the projection it adapts
             module = module[:-1]
         stacked = module[0] == "layers"
         if module[-1] == C_ATTN:
             for i, name in enumerate("qkv"):
                 target = module[:-1] + (name, "kernel")
-                flat[target] = _add(flat[target], a, b[..., i, :, :], 1, stacked, s, xp)
+                flat[target] = _add(flat[target], a, b[..., i, :, :], 1, stacked, s)
         else:
             target = module + ("kernel",)
-            flat[target] = _add(flat[target], a, b, _n_contract(module[-1]), stacked, s, xp)
-    dtype = np.dtype(config.param_dtype) if xp is np else jnp.dtype(config.param_dtype)
+            flat[target] = _add(flat[target], a, b, _n_contract(module[-1]), stacked, s)
+    dtype = np.dtype(config.param_dtype)
     out = {k: (v.astype(dtype) if k[-1] == "kernel" and v.dtype != dtype else v)
            for k, v in flat.items()}
     plain = config.replace(lora_rank=0, base_quant="none")
     return _unflat(out), plain
 
 
-def _add(w, a, b, n_contract: int, stacked: bool, s: float, xp):
+def _add(w, a, b, n_contract: int, stacked: bool, s: float):
     """w + s * a @ b with a [(L,) *contract, r], b [(L,) r, *out]."""
-    w32 = xp.asarray(w, np.float32)
+    w32 = np.asarray(w, np.float32)
     lead = 1 if stacked else 0
     a2 = a.reshape(*a.shape[:lead], -1, a.shape[-1])
     b2 = b.reshape(*b.shape[:lead + 1], -1)
-    delta = xp.matmul(a2, b2) * s
+    delta = np.matmul(a2, b2) * s
     return w32 + delta.reshape(w32.shape)
