@@ -90,10 +90,11 @@ def main():
         print(f"synthetic {args.preset} checkpoint: {total / 2**30:.2f} GiB {args.dtype} in "
               f"{len(list(hf_dir.glob('*.safetensors')))} shards "
               f"(written in {time.perf_counter() - start:.0f}s)")
-        baseline = peak_rss([sys.executable, "-c", "import convert_hf, qwen_jax.convert, qwen_jax.checkpoint, "
-                                   "jax; jax.devices()"])
+        baseline = peak_rss([sys.executable, "-c", "import convert_hf, qwen_jax.io.convert, "
+                                   "qwen_jax.io.checkpoint, jax; jax.devices()"])
         start = time.perf_counter()
-        peak = peak_rss([sys.executable, str(ROOT / "convert_hf.py"), "import", str(hf_dir), str(ckpt)])
+        peak = peak_rss([sys.executable, str(ROOT / "convert_hf.py"), "import", str(hf_dir),
+                         str(ckpt)])
         seconds = time.perf_counter() - start
         ratio = (peak - baseline) / total
         print("| parameters | import wall s | peak RSS | baseline RSS | (peak - baseline) / "
