@@ -50,6 +50,18 @@ def add_kv_cache_arg(p: argparse.ArgumentParser) -> None:
                    "head and appended chunk, about half the memory of bf16")
 
 
+def _on_device(params):
+    """The parameters as device arrays, leaf by leaf (a host copy is dropped as soon as its
+    device copy exists): a numpy tree would be copied to the device on every call of a
+    jitted step, e.g. each decoded token."""
+    leaves, treedef = jax.tree.flatten(params)
+    del params
+    for i, leaf in enumerate(leaves):
+        leaves[i] = jax.device_put(leaf)
+        del leaf
+    return jax.tree.unflatten(treedef, leaves)
+
+
 def load_model(args):
     """(params, config, tokenizer) of --checkpoint, with --dtype applied."""
     directory = pathlib.Path(args.checkpoint)
@@ -65,6 +77,7 @@ def load_model(args):
     params, config = load_params(directory, config)
     if jax.default_backend() == "cpu":  # decoding on CPU runs faster per layer: see there
         params, config = unstack_layers(params, config, consume=True)
+    params = _on_device(params)
     print(f"model: {config.num_params():,} parameters, {config.dtype}; tokenizer: "
           f"{tokenizer.name}", file=sys.stderr)
     return params, config, tokenizer
