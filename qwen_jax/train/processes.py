@@ -8,6 +8,7 @@ others wait where they must (a directory process 0 creates).
 from __future__ import annotations
 
 import os
+import re
 
 import jax
 import numpy as np
@@ -47,6 +48,7 @@ def initialize_distributed(coordinator_address: str | None = None,
         if not 0 <= process_id < num_processes:
             raise TrainError(f"--process_id={process_id} outside [0, --num_processes="
                              f"{num_processes})")
+        _cpu_collective_threads()
         jax.distributed.initialize(coordinator_address, num_processes, process_id)
         return
     markers = ("JAX_COORDINATOR_ADDRESS", "TPU_WORKER_HOSTNAMES", "SLURM_NTASKS",
@@ -55,4 +57,29 @@ def initialize_distributed(coordinator_address: str | None = None,
         hosts = os.environ.get("TPU_WORKER_HOSTNAMES", "")
         if "TPU_WORKER_HOSTNAMES" in os.environ and "," not in hosts:
             return  # a single-host TPU VM
+        _cpu_collective_threads()
         jax.distributed.initialize()
+
+
+THREADS_PER_CPU_DEVICE = 4
+
+
+def _cpu_collective_threads() -> None:
+    """Several processes on the CPU platform: give XLA's CPU thread pool at least
+    THREADS_PER_CPU_DEVICE threads per local device (the `NPROC` variable XLA reads when it
+    creates the CPU client; by default the pool has one thread per core).
+
+    XLA runs the cross-process (gloo) collectives of a CPU program as blocking calls on that
+    pool, and starts a device's next collective once the previous one has started, not
+    finished. With fewer threads than the collectives the local devices can have in flight,
+    one device's collective waits for a thread while its partners wait for it: both
+    processes hang with idle CPUs. PPO's update (two models, many independent collectives)
+    hung in about 1 of 3 two-process launches on a 2-core machine; none of 13 did with the
+    larger pool. A user's own NPROC is kept."""
+    platforms = os.environ.get("JAX_PLATFORMS") or jax.config.jax_platforms or ""
+    if platforms.split(",")[0].strip() != "cpu" or os.environ.get("NPROC"):
+        return
+    found = re.search(r"--xla_force_host_platform_device_count=(\d+)",
+                      os.environ.get("XLA_FLAGS", ""))
+    devices = int(found.group(1)) if found else max(1, jax.config.jax_num_cpu_devices)
+    os.environ["NPROC"] = str(max(os.cpu_count() or 1, THREADS_PER_CPU_DEVICE * devices))
