@@ -14,7 +14,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import pathlib
+from typing import Sequence
 
+import flax.struct
 import jax
 import jax.numpy as jnp
 
@@ -58,9 +60,16 @@ def top_k_filter(logits, k: int):
     return jnp.where(logits < kth, -jnp.inf, logits)
 
 
-def top_p_filter(logits, top_p: float):
+def top_k_rows(logits, k):
+    """`top_k_filter` with each row's own k ([B] int; 0 = off)."""
+    desc = -jnp.sort(-logits, axis=-1)
+    kth = jnp.take_along_axis(desc, jnp.clip(k - 1, 0, logits.shape[-1] - 1)[:, None], axis=-1)
+    return jnp.where((k[:, None] > 0) & (logits < kth), -jnp.inf, logits)
+
+
+def top_p_filter(logits, top_p):
     """HF TopPLogitsWarper: sort ascending, drop the tokens whose cumulative probability is
-    <= 1 - top_p, always keep the most likely one."""
+    <= 1 - top_p, always keep the most likely one. `top_p` a float or [B, 1] (per row)."""
     order = jnp.argsort(logits, axis=-1, stable=True)
     sorted_logits = jnp.take_along_axis(logits, order, axis=-1)
     cumulative = jnp.cumsum(jax.nn.softmax(sorted_logits, axis=-1), axis=-1)
@@ -97,6 +106,68 @@ def select_tokens(logits, seen, params: SamplingParams, key, step):
     step_key = jax.random.fold_in(key, step)
     keys = jax.vmap(lambda r: jax.random.fold_in(step_key, r))(jnp.arange(scores.shape[0]))
     return jax.vmap(jax.random.categorical)(keys, scores).astype(jnp.int32)
+
+
+@flax.struct.dataclass
+class RowSampling:
+    """Per-row sampling parameters (a slot decoder's batch mixes requests): each [B]."""
+
+    do_sample: jax.Array  # bool
+    temperature: jax.Array  # float32
+    top_k: jax.Array  # int32, 0 = off
+    top_p: jax.Array  # float32, 1.0 = off
+    repetition_penalty: jax.Array  # float32, 1.0 = off
+
+    @classmethod
+    def of(cls, params: SamplingParams, rows: int = 1) -> "RowSampling":
+        def full(value, dtype):
+            return jnp.full((rows,), value, dtype)
+        return cls(full(params.do_sample, bool), full(params.temperature, jnp.float32),
+                   full(params.top_k, jnp.int32), full(params.top_p, jnp.float32),
+                   full(params.repetition_penalty, jnp.float32))
+
+
+@dataclasses.dataclass(frozen=True)
+class RowFlags:
+    """Which processors any row of a call uses (static: the others cost nothing)."""
+
+    penalty: bool = False
+    sample: bool = False
+    top_k: bool = False
+    top_p: bool = False
+
+    @classmethod
+    def of(cls, params: Sequence[SamplingParams]) -> "RowFlags":
+        sampled = [p for p in params if p.do_sample]
+        return cls(any(p.repetition_penalty != 1.0 for p in params), bool(sampled),
+                   any(p.top_k > 0 for p in sampled), any(p.top_p < 1.0 for p in sampled))
+
+
+def select_tokens_rows(logits, seen, rows: RowSampling, flags: RowFlags, vocab_limit: int,
+                       keys, steps, row_ids):
+    """`select_tokens` with each row's own parameters, key, step and row number: a row gets
+    the token `select_tokens` gives it in any batch of rows with its parameters (the same
+    processors in the same order, the same key folding)."""
+    logits = logits.astype(jnp.float32)
+    if 0 < vocab_limit < logits.shape[-1]:
+        logits = jnp.where(jnp.arange(logits.shape[-1]) >= vocab_limit, -jnp.inf, logits)
+    if flags.penalty:
+        pen = rows.repetition_penalty[:, None]
+        logits = jnp.where(pen != 1.0, repetition_penalty(logits, seen, pen), logits)
+    greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    if not flags.sample:
+        return greedy
+    scores = jnp.where(rows.temperature[:, None] != 1.0,
+                       logits / rows.temperature[:, None], logits)
+    if flags.top_k:
+        scores = top_k_rows(scores, jnp.minimum(rows.top_k, scores.shape[-1]))
+    if flags.top_p:
+        top_p = rows.top_p[:, None]
+        scores = jnp.where(top_p < 1.0, top_p_filter(scores, top_p), scores)
+    keys = jax.vmap(lambda k, s, r: jax.random.fold_in(jax.random.fold_in(k, s), r))(
+        keys, steps, row_ids)
+    sampled = jax.vmap(jax.random.categorical)(keys, scores).astype(jnp.int32)
+    return jnp.where(rows.do_sample, sampled, greedy)
 
 
 def mark_seen(seen, tokens, valid=None):

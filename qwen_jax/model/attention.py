@@ -34,16 +34,18 @@ _MASK_VALUE = float(jnp.finfo(jnp.float32).min)
 
 def attention_mask(q_len: int, kv_len: int, *, causal: bool = True, window=None,
                    q_segment_ids=None, kv_segment_ids=None, q_offset=0):
-    """Boolean mask [B or 1, Tq, Tk]: True where query i may attend to key j."""
-    q_idx = jnp.asarray(q_offset, jnp.int32) + jnp.arange(q_len, dtype=jnp.int32)[:, None]
-    kv_idx = jnp.arange(kv_len, dtype=jnp.int32)[None, :]
-    mask = jnp.ones((q_len, kv_len), bool)
+    """Boolean mask [B or 1, Tq, Tk]: True where query i may attend to key j. `q_offset` is a
+    scalar or [B] (each row's queries at their own key index: a per-row KV cache)."""
+    q_offset = jnp.asarray(q_offset, jnp.int32)
+    q_offset = q_offset[:, None, None] if q_offset.ndim == 1 else q_offset[None, None, None]
+    q_idx = q_offset + jnp.arange(q_len, dtype=jnp.int32)[None, :, None]
+    kv_idx = jnp.arange(kv_len, dtype=jnp.int32)[None, None, :]
+    mask = jnp.ones((1, q_len, kv_len), bool)
     if causal:
         mask = kv_idx <= q_idx
     if window is not None:
         window = jnp.asarray(window, jnp.int32)
         mask &= (window <= 0) | (kv_idx > q_idx - window)
-    mask = mask[None]
     if q_segment_ids is not None or kv_segment_ids is not None:
         if q_segment_ids is None or kv_segment_ids is None:
             raise ValueError("q_segment_ids and kv_segment_ids go together")
@@ -104,7 +106,8 @@ def pallas_attention(q, k, v, *, causal=True, window=None, q_segment_ids=None,
     """
     from qwen_jax.kernels import flash_attention
 
-    if dropout_rate > 0.0 and dropout_rng is not None:
+    # Dropout, and per-row query offsets (a slot cache decoding), go to the XLA reference.
+    if (dropout_rate > 0.0 and dropout_rng is not None) or jnp.ndim(q_offset) == 1:
         return xla_attention(q, k, v, causal=causal, window=window, q_segment_ids=q_segment_ids,
                              kv_segment_ids=kv_segment_ids, q_offset=q_offset, scale=scale,
                              precision=precision, dropout_rate=dropout_rate,

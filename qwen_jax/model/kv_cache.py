@@ -1,9 +1,14 @@
 """A preallocated, fixed-shape KV cache that jit carries as a pytree.
 
-All rows write at one shared slot index, so a batch of left-padded prompts decodes in lockstep;
-each row keeps its own next position (its RoPE/LogN position) and its own dynamic-NTK level,
-which the original computes on the call that starts the cache and keeps for every cached step
-(report §2.5; reference case d_decode_across_seq_length).
+Two ways to index it. `generate`'s: all rows write at one shared slot index (`index` a
+scalar), so a batch of left-padded prompts decodes in lockstep. The server's slot cache
+(`per_row=True`): each row writes at its own index (`index` [B]) and advances by its own real
+tokens, so rows hold unrelated requests at different lengths and a row can be emptied and
+refilled while the others decode. Either way each row keeps its own next position (its
+RoPE/LogN position) and its own dynamic-NTK level, which the original computes on the call that
+starts the cache and keeps for every cached step (report §2.5; reference case
+d_decode_across_seq_length): -1 means "not fixed yet" (the next call fixes it); a caller that
+prefills a prompt in chunks sets it from the whole prompt's length beforehand.
 
 Two kinds of cache: a float one in any dtype (default the config's compute dtype), and "int8",
 the original release's `use_cache_quantization` (its `quantize_cache_v` /
@@ -50,9 +55,9 @@ class KVCache:
     k: jax.Array | QuantizedKV  # [layers, batch, heads, max_len, head_dim]
     v: jax.Array | QuantizedKV  # [layers, batch, heads, max_len, head_dim]
     segment_ids: jax.Array  # [batch, max_len] int32: 1 = a real token, 0 = empty or padding
-    index: jax.Array  # [] int32: the next slot to write
+    index: jax.Array  # [] int32: the next slot to write ([batch] in a per-row cache)
     next_position: jax.Array  # [batch] int32: position of each row's next token
-    ntk_level: jax.Array  # [batch] int32: dynamic NTK level fixed by the first call
+    ntk_level: jax.Array  # [batch] int32: dynamic NTK level (-1: fixed by the next call)
 
     @property
     def max_len(self) -> int:
@@ -65,6 +70,10 @@ class KVCache:
     @property
     def quantized(self) -> bool:
         return isinstance(self.k, QuantizedKV)
+
+    @property
+    def per_row(self) -> bool:
+        return self.index.ndim == 1
 
 
 def is_int8(dtype) -> bool:
@@ -87,9 +96,11 @@ def cache_dtype(dtype):
     return out
 
 
-def init_cache(config: QwenConfig, batch_size: int, max_len: int, dtype=None) -> KVCache:
+def init_cache(config: QwenConfig, batch_size: int, max_len: int, dtype=None,
+               per_row: bool = False) -> KVCache:
     """An empty cache; `dtype` defaults to the config's compute dtype; "int8" is the original's
-    quantised cache (uint8 + float32 scale/zero per slot)."""
+    quantised cache (uint8 + float32 scale/zero per slot). `per_row`: every row has its own
+    write index (module doc)."""
     shape = (config.num_hidden_layers, batch_size, config.num_attention_heads, max_len,
              config.head_dim)
     dtype = cache_dtype(dtype)
@@ -106,9 +117,9 @@ def init_cache(config: QwenConfig, batch_size: int, max_len: int, dtype=None) ->
         k=k,
         v=v,
         segment_ids=jnp.zeros((batch_size, max_len), jnp.int32),
-        index=jnp.zeros((), jnp.int32),
+        index=jnp.zeros((batch_size,) if per_row else (), jnp.int32),
         next_position=jnp.zeros((batch_size,), jnp.int32),
-        ntk_level=jnp.zeros((batch_size,), jnp.int32),
+        ntk_level=jnp.full((batch_size,), -1, jnp.int32),
     )
 
 
@@ -163,33 +174,83 @@ def dequantize(q, scale, zero, dtype):
     return scale * (q.astype(dtype) - zero)
 
 
-def write_layer(cache, x, layer, offset, valid=None):
+def _per_row_slots(offset, length: int, rows=None):
+    """(rows [B, 1], slots [B, T]): where each row's chunk goes in a per-row cache (`rows`:
+    the cache rows of the chunk's rows, default 0..B-1)."""
+    if rows is None:
+        rows = jnp.arange(offset.shape[0], dtype=jnp.int32)
+    return rows[:, None], offset[:, None] + jnp.arange(length, dtype=jnp.int32)[None]
+
+
+def write_layer(cache, x, layer, offset, valid=None, rows=None):
     """Write chunk x [B, T, N, D] of layer `layer` at slot `offset` into a stacked cache entry
-    (a float [L, B, N, S, D] array or a QuantizedKV, quantised here), in place."""
+    (a float [L, B, N, S, D] array or a QuantizedKV, quantised here), in place. `offset` [B]
+    (a per-row cache) writes each row at its own slot, into cache row `rows[b]` if given;
+    slots past the end are dropped."""
     layer, offset = jnp.asarray(layer, jnp.int32), jnp.asarray(offset, jnp.int32)
     zero_ = jnp.zeros((), jnp.int32)
-    if not isinstance(cache, QuantizedKV):
-        x = jnp.swapaxes(x, 1, 2).astype(cache.dtype)[None]
-        return jax.lax.dynamic_update_slice(cache, x, (layer, zero_, zero_, offset, zero_))
-    q, scale, zero = quantize(x, valid)
-    per_slot = (1, x.shape[0], x.shape[2], x.shape[1])  # [1, B, N, T]: one value per slot
-    return QuantizedKV(
-        q=jax.lax.dynamic_update_slice(cache.q, jnp.swapaxes(q, 1, 2)[None],
-                                       (layer, zero_, zero_, offset, zero_)),
-        scale=jax.lax.dynamic_update_slice(
-            cache.scale, jnp.broadcast_to(scale.astype(jnp.float32)[None, :, :, None], per_slot),
-            (layer, zero_, zero_, offset)),
-        zero=jax.lax.dynamic_update_slice(
-            cache.zero, jnp.broadcast_to(zero.astype(jnp.float32)[None, :, :, None], per_slot),
-            (layer, zero_, zero_, offset)))
-
-
-def read_layer(cache, layer, dtype):
-    """Layer `layer` of a stacked cache entry as [B, S, N, D] in `dtype` (dequantised)."""
-    if isinstance(cache, QuantizedKV):
-        out = dequantize(cache.q[layer], cache.scale[layer], cache.zero[layer], dtype)
+    if offset.ndim == 0:  # generate's shared index
+        def put(arr, upd):  # upd [B, T, N(, D)] into arr [L, B, N, S(, D)]
+            start = (layer, zero_, zero_, offset) + (zero_,) * (arr.ndim - 4)
+            return jax.lax.dynamic_update_slice(arr, jnp.swapaxes(upd, 1, 2)[None], start)
+    elif rows is None and x.shape[1] == 1:
+        # One token per row into every row (a decode step over the whole cache): the layer
+        # rewritten with a select, which XLA updates in place also when the rows are
+        # sharded (a scatter over a sharded batch copies the whole cache).
+        def put(arr, upd):
+            return _update_rows(arr, jnp.swapaxes(upd, 1, 2), layer, offset)
     else:
-        out = cache[layer].astype(dtype)
+        cache_rows, slots = _per_row_slots(offset, x.shape[1], rows)
+
+        def put(arr, upd):
+            return arr.at[layer, cache_rows, :, slots].set(upd, mode="drop")
+    if not isinstance(cache, QuantizedKV):
+        return put(cache, x.astype(cache.dtype))
+    q, scale, zero = quantize(x, valid)
+
+    def per_slot(v):  # [B, N] -> [B, T, N]: each slot knows the chunk it came from
+        return jnp.broadcast_to(v.astype(jnp.float32)[:, None], x.shape[:3])
+
+    return QuantizedKV(q=put(cache.q, q), scale=put(cache.scale, per_slot(scale)),
+                       zero=put(cache.zero, per_slot(zero)))
+
+
+def _update_rows(arr, update, layer, offset):
+    """arr [L, B, N, S, ...] with update [B, N, 1, ...] written at layer `layer`, slot
+    offset[b] of each row b (an offset past the end writes nothing)."""
+    zero_ = jnp.zeros((), jnp.int32)
+    start = (layer,) + (zero_,) * (arr.ndim - 1)
+    current = jax.lax.dynamic_slice(arr, start, (1,) + arr.shape[1:])[0]
+    hit = jnp.arange(arr.shape[3], dtype=jnp.int32)[None, :] == offset[:, None]  # [B, S]
+    hit = hit.reshape(hit.shape[0], 1, hit.shape[1], *(1,) * (arr.ndim - 4))
+    return jax.lax.dynamic_update_slice(arr, jnp.where(hit, update, current)[None], start)
+
+
+def write_segments(segment_ids, q_seg, offset, rows=None):
+    """The cache's segment ids [B, S] with the chunk's [B, T] written at `offset` ([] or
+    [B]; in a per-row cache into cache rows `rows` if given, slots past the end dropped)."""
+    offset = jnp.asarray(offset, jnp.int32)
+    if offset.ndim == 0:
+        return jax.lax.dynamic_update_slice(segment_ids, q_seg, (0, offset))
+    if rows is None and q_seg.shape[1] == 1:  # one token into every row: a batched update
+        return jax.vmap(lambda s, q, o: jax.lax.dynamic_update_slice(s, q, (o,)))(
+            segment_ids, q_seg, offset)
+    rows, slots = _per_row_slots(offset, q_seg.shape[1], rows)
+    return segment_ids.at[rows, slots].set(q_seg, mode="drop")
+
+
+def read_layer(cache, layer, dtype, length: int | None = None, rows=None):
+    """Layer `layer` of a stacked cache entry as [B, S, N, D] in `dtype` (dequantised); with
+    `length`, only its first `length` slots (what a step that writes no further reads); with
+    `rows`, only those cache rows."""
+    def part(x):
+        x = x[layer] if rows is None else x[layer, rows]
+        return x if length is None else x[:, :, :length]
+
+    if isinstance(cache, QuantizedKV):
+        out = dequantize(part(cache.q), part(cache.scale), part(cache.zero), dtype)
+    else:
+        out = part(cache).astype(dtype)
     return jnp.swapaxes(out, 1, 2)
 
 
@@ -197,7 +258,7 @@ CACHE_LOGICAL_AXES = KVCache(
     k=("layers", "cache_batch", "cache_heads", "cache_length", "cache_kv"),
     v=("layers", "cache_batch", "cache_heads", "cache_length", "cache_kv"),
     segment_ids=("cache_batch", "cache_length"),
-    index=(),
+    index=(),  # ("cache_batch",) in a per-row cache
     next_position=("cache_batch",),
     ntk_level=("cache_batch",),
 )
@@ -205,8 +266,11 @@ CACHE_LOGICAL_AXES = KVCache(
 
 def cache_logical_axes(cache: KVCache) -> KVCache:
     """The logical axis names of `cache`'s arrays (CACHE_LOGICAL_AXES for a float cache)."""
+    out = CACHE_LOGICAL_AXES
+    if cache.per_row:
+        out = out.replace(index=("cache_batch",))
     if not cache.quantized:
-        return CACHE_LOGICAL_AXES
+        return out
     axes = CACHE_LOGICAL_AXES.k
     entry = QuantizedKV(q=axes, scale=axes[:-1], zero=axes[:-1])
-    return CACHE_LOGICAL_AXES.replace(k=entry, v=entry)
+    return out.replace(k=entry, v=entry)

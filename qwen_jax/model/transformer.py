@@ -77,11 +77,13 @@ class Attention(nn.Module):
             # copy the whole layer cache every step), then this layer's slice is read. An int8
             # cache quantises the chunk (its real tokens' min/max) before attention reads it.
             valid = ctx["q_segment_ids"] != 0
-            cache_k, cache_v = (kv_cache.write_layer(c, x, layer_idx, ctx["q_offset"], valid)
+            rows, length = ctx["cache_rows"], ctx["attend_len"]
+            cache_k, cache_v = (kv_cache.write_layer(c, x, layer_idx, ctx["q_offset"], valid,
+                                                     rows)
                                 for c, x in zip(cache_kv, (k, v)))
             new_cache_kv = (cache_k, cache_v)
-            k = kv_cache.read_layer(cache_k, layer_idx, q.dtype)
-            v = kv_cache.read_layer(cache_v, layer_idx, q.dtype)
+            k = kv_cache.read_layer(cache_k, layer_idx, q.dtype, length, rows)
+            v = kv_cache.read_layer(cache_v, layer_idx, q.dtype, length, rows)
 
         dropout_rng = None
         if self.train and cfg.attn_dropout_prob > 0.0:
@@ -155,13 +157,20 @@ class Qwen(nn.Module):
 
     @nn.compact
     def __call__(self, tokens, positions=None, segment_ids=None, cache: KVCache | None = None,
-                 *, train: bool = False, head=None):
+                 *, train: bool = False, head=None, attend_len: int | None = None,
+                 cache_rows=None):
         """tokens [B, T]; positions [B, T] (default: from segment ids / the cache);
         segment_ids [B, T] (0 = padding; >0 = document id); returns (logits float32, cache).
 
         head(hidden [B, T, H], lm_head) -> output, if given, replaces the logits: `lm_head(h)`
         maps final hidden states to float32 logits, so a caller can ask for the last position
-        only, or reduce chunks of logits to what it needs, without holding [B, T, V]."""
+        only, or reduce chunks of logits to what it needs, without holding [B, T, V].
+
+        attend_len (with a cache): attention reads only the cache's first `attend_len` slots;
+        the caller guarantees that every key of this call lies there (a slot decoder whose
+        rows are short reads a fraction of a long cache).
+        cache_rows [B] (a per-row cache): the cache rows this batch's rows are (distinct); the
+        others are neither read nor changed, so a step computes only the rows in use."""
         cfg = self.config
         batch, length = tokens.shape
         if train and cache is not None:
@@ -169,9 +178,16 @@ class Qwen(nn.Module):
         if segment_ids is None:
             segment_ids = jnp.ones((batch, length), jnp.int32)
         segment_ids = segment_ids.astype(jnp.int32)
+        rows = cache_rows
+        if rows is not None and (cache is None or not cache.per_row):
+            raise ValueError("cache_rows needs a per-row cache")
+
+        def of_rows(x):  # a per-row cache field, for this call's rows
+            return x if rows is None else x[rows]
+
         if positions is None:
-            positions = default_positions(segment_ids,
-                                          None if cache is None else cache.next_position)
+            positions = default_positions(
+                segment_ids, None if cache is None else of_rows(cache.next_position))
         positions = positions.astype(jnp.int32)
 
         # Long context (inference only): NTK level per row from its real tokens.
@@ -180,8 +196,9 @@ class Qwen(nn.Module):
         if cfg.use_dynamic_ntk and not train:
             n_real = jnp.max(jnp.where(real, positions, -1), axis=1) + 1
             ntk_level = long_context.dynamic_ntk_level(n_real, cfg.seq_length)
-            if cache is not None:
-                ntk_level = jnp.where(cache.index == 0, ntk_level, cache.ntk_level)
+            if cache is not None:  # fixed by the call that starts the cache
+                ntk_level = jnp.where(of_rows(cache.ntk_level) < 0, ntk_level,
+                                      of_rows(cache.ntk_level))
         inv_freq = long_context.rope_inv_freq(cfg.rotary_emb_base, cfg.rotary_dim, ntk_level)
         if inv_freq.ndim == 1:
             inv_freq = inv_freq[None]
@@ -191,14 +208,17 @@ class Qwen(nn.Module):
             logn = long_context.logn_scale(positions, cfg.seq_length)
 
         ctx: dict[str, Any] = dict(cos=cos, sin=sin, logn=logn, q_segment_ids=segment_ids,
-                                   kv_segment_ids=segment_ids, q_offset=0, windows=None)
+                                   kv_segment_ids=segment_ids, q_offset=0, windows=None,
+                                   attend_len=None, cache_rows=None)
         if cfg.window_sizes is not None and not train:
             ctx["windows"] = jnp.asarray(cfg.window_sizes, jnp.int32)
         cache_kv = None
         if cache is not None:
             q_seg = real.astype(jnp.int32)
-            kv_seg = jax.lax.dynamic_update_slice(cache.segment_ids, q_seg, (0, cache.index))
-            ctx.update(q_segment_ids=q_seg, kv_segment_ids=kv_seg, q_offset=cache.index)
+            all_seg = kv_cache.write_segments(cache.segment_ids, q_seg, of_rows(cache.index),
+                                              rows)
+            ctx.update(q_segment_ids=q_seg, kv_segment_ids=of_rows(all_seg)[:, :attend_len],
+                       q_offset=of_rows(cache.index), attend_len=attend_len, cache_rows=rows)
             cache_kv = (cache.k, cache.v)
 
         x = Embed(cfg, name="embed")(tokens)
@@ -234,13 +254,20 @@ class Qwen(nn.Module):
 
         new_cache = None
         if cache is not None:
-            new_cache = cache.replace(
-                k=cache_kv[0], v=cache_kv[1], segment_ids=ctx["kv_segment_ids"],
-                index=cache.index + length,
-                next_position=jnp.maximum(cache.next_position,
-                                          jnp.max(jnp.where(real, positions + 1, 0), axis=1)),
-                ntk_level=(ntk_level if ntk_level is not None
-                           else jnp.zeros_like(cache.ntk_level)).astype(jnp.int32))
+            # a per-row cache advances each row by its real tokens (a right-padded chunk)
+            index = of_rows(cache.index) + (jnp.sum(real, axis=1, dtype=jnp.int32)
+                                            if cache.per_row else length)
+            next_position = jnp.maximum(of_rows(cache.next_position),
+                                        jnp.max(jnp.where(real, positions + 1, 0), axis=1))
+            level = (ntk_level if ntk_level is not None
+                     else jnp.zeros_like(of_rows(cache.ntk_level))).astype(jnp.int32)
+            if rows is not None:  # written back into the rows of this call
+                index = cache.index.at[rows].set(index)
+                next_position = cache.next_position.at[rows].set(next_position)
+                level = cache.ntk_level.at[rows].set(level)
+            new_cache = cache.replace(k=cache_kv[0], v=cache_kv[1], segment_ids=all_seg,
+                                      index=index, next_position=next_position,
+                                      ntk_level=level)
         return logits, new_cache
 
 
