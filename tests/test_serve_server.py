@@ -36,7 +36,7 @@ from qwen_jax.io.checkpoint import save_checkpoint
 from qwen_jax.model.config import QwenConfig
 from qwen_jax.model.transformer import init_params
 from qwen_jax.serve.app import Service, create_app
-from qwen_jax.serve.engine import Engine, QueueFull, Request, Sampling
+from qwen_jax.serve.engine import Engine, EngineError, QueueFull, Request, Sampling
 from scaled_weights import scaled_params
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -341,15 +341,22 @@ def test_tools_on_the_real_server(client):
 
 
 def test_concurrent_requests_match_alone(server_a, client):
-    prompts = [f"Question number {i}?" for i in range(6)]
-    alone = [_chat(client, p, temperature=0, max_tokens=12).choices[0].message.content
-             for p in prompts]
+    """16 requests at once on 4 slots (continuous batching: each joins when a slot frees):
+    greedy ones of different lengths and seeded sampled ones, each equal to itself alone."""
+    asks = [(f"Question number {i}?", dict(temperature=0, max_tokens=6 + i % 4 * 3))
+            for i in range(12)]
+    asks += [(f"Sample {i}", dict(temperature=0.8, top_p=0.9, seed=i, max_tokens=10))
+             for i in range(4)]
+
+    def run(ask):
+        return _chat(client, ask[0], **ask[1]).choices[0].message.content
+
+    alone = [run(a) for a in asks]
     batched = _multirow_batches(server_a)
-    with concurrent.futures.ThreadPoolExecutor(6) as pool:
-        together = list(pool.map(lambda p: _chat(client, p, temperature=0, max_tokens=12)
-                                 .choices[0].message.content, prompts))
+    with concurrent.futures.ThreadPoolExecutor(16) as pool:
+        together = list(pool.map(run, asks))
     assert together == alone
-    assert _multirow_batches(server_a) > batched  # some of them did share a batch
+    assert _multirow_batches(server_a) > batched  # they did share decode steps
 
 
 def test_client_disconnect_mid_stream(server_a, client):
@@ -373,10 +380,10 @@ def test_queue_full_is_429_then_sigterm_exits_0(server_b):
     client = openai.OpenAI(base_url=server_b.url + "/v1", api_key="none", max_retries=0,
                            timeout=120)
 
-    def ask(temperature):  # a new temperature compiles a new program: each takes a while
+    def ask(temperature):  # 1 slot, 1 place in the queue: some of the 5 are refused
         try:
             r = client.chat.completions.create(
-                model="m", messages=[{"role": "user", "content": "你好"}], max_tokens=4,
+                model="m", messages=[{"role": "user", "content": "你好"}], max_tokens=16,
                 temperature=temperature)
             return r.choices[0].finish_reason
         except openai.RateLimitError as e:
@@ -400,20 +407,36 @@ def test_queue_full_is_429_then_sigterm_exits_0(server_b):
 
 # ------------------------------------------------------------- in-process, a stub decoder
 class Scripted:
-    """A stand-in for the model: writes `reply` (then <|endoftext|>) for every row, and
-    records the prompts it was given."""
+    """A stand-in decoder with 4 slots: every slot writes `reply` (then <|endoftext|>), one
+    token per step; it records the prompts it was given."""
+
+    num_slots = 4
 
     def __init__(self, tok, reply: str, delay: float = 0.0, fail_on: str | None = None):
         self.tok, self.ids, self.delay, self.fail_on = tok, tok.encode(reply), delay, fail_on
         self.prompts: list[str] = []
+        self.pos: dict[int, int] = {}  # slot -> tokens written
 
-    def __call__(self, prompts, gen, *, seed, max_length, stream):
-        self.prompts += [self.tok.decode(p) for p in prompts]
-        if self.fail_on and any(self.fail_on in text for text in self.prompts[-len(prompts):]):
+    def admit(self, slot, prompt, params, *, seed, row=0):
+        assert slot not in self.pos and 0 <= slot < self.num_slots
+        self.prompts.append(self.tok.decode(prompt))
+        if self.fail_on and self.fail_on in self.prompts[-1]:
             raise RuntimeError("scripted failure")
-        for t in (self.ids + [self.tok.eod_id])[:gen.max_new_tokens]:
-            time.sleep(self.delay)
-            stream(np.full(len(prompts), t), np.ones(len(prompts), bool))
+        self.pos[slot] = 0
+
+    def step(self):
+        time.sleep(self.delay)
+        seq, out = self.ids + [self.tok.eod_id], []
+        for slot in sorted(self.pos):
+            out.append((slot, seq[min(self.pos[slot], len(seq) - 1)]))
+            self.pos[slot] += 1
+        return out
+
+    def release(self, slot):
+        del self.pos[slot]
+
+    def reset(self):
+        self.pos.clear()
 
 
 def _stub_app(reply, **kw):
@@ -421,7 +444,7 @@ def _stub_app(reply, **kw):
     gen = GenerationConfig(stop_sequences=((tok.eod_id,),), pad_token_id=tok.eod_id,
                            max_new_tokens=200, vocab_limit=tok.vocab_size)
     decoder = Scripted(tok, reply, kw.pop("delay", 0.0), kw.pop("fail_on", None))
-    engine = Engine(decoder, tok, gen, max_batch=4, max_queue=8, max_seq_len=2048)
+    engine = Engine(decoder, tok, max_queue=8, max_seq_len=2048)
     service = Service(engine, tok, gen, model_name="stub", max_seq_len=2048, **kw)
     return create_app(service), decoder
 
@@ -493,25 +516,35 @@ def test_final_answer_and_failures_with_the_stub():
         assert r.status_code == 504 and r.json()["error"]["code"] == "request_timeout"
 
 
-def test_engine_batches_only_what_fits_together():
+def test_engine_admits_first_come_first_served_into_free_slots():
     tok = ByteTokenizer()
-    gen = GenerationConfig(stop_sequences=((tok.eod_id,),), pad_token_id=tok.eod_id)
-    engine = Engine(None, tok, gen, max_batch=4, max_queue=8, max_seq_len=100)
-    sampled = Sampling(do_sample=True, top_p=0.9)
+    decoder = Scripted(tok, "abc")
+    engine = Engine(decoder, tok, max_queue=8, max_seq_len=100)
 
-    def req(length=10, max_tokens=10, **kw):
-        return Request([[1] * length], max_tokens=max_tokens, **kw)
+    def req(n=1, **kw):
+        return Request([[65] * 10], n=n, max_tokens=10, **kw)
 
-    reqs = [req(max_tokens=30), req(80, 10), req(n=2), req(sampling=sampled),
-            req(sampling=sampled, seed=3), req(), req(), req()]
+    reqs = [req(), req(2, sampling=Sampling(do_sample=True, top_p=0.9), seed=3), req(2), req()]
     for r in reqs:
         engine.submit(r)
-    # 80 + 30 > the context of 100; the sampled ones differ; 4 rows at most.
-    assert engine._take() == [reqs[0], reqs[2], reqs[5]]
-    assert engine._take() == [reqs[1], reqs[6], reqs[7]]
-    assert engine._take() == [reqs[3]]
-    assert engine._take() == [reqs[4]]  # a seed: alone
-    for _ in range(8):  # --max-queue 8
+    with engine.cond:
+        engine._admit()
+    # 4 slots: the first two requests (3 choices) join; the third needs 2 slots and waits,
+    # and the fourth waits behind it (first come, first served).
+    assert {s: (reqs.index(r), c.index) for s, (r, c) in engine.slots.items()} == {
+        0: (0, 0), 1: (1, 0), 2: (1, 1)}
+    assert list(engine.queue) == reqs[2:]
+    reqs[0].cancel()  # its slot is freed by the next step, and the waiting ones move in
+    assert engine._iterate()
+    with engine.cond:
+        engine._admit()
+    assert {s: (reqs.index(r), c.index) for s, (r, c) in engine.slots.items()} == {
+        0: (2, 0), 1: (1, 0), 2: (1, 1), 3: (2, 1)}
+    assert list(engine.queue) == reqs[3:]
+    with pytest.raises(EngineError) as e:  # more choices than slots can never run
+        engine.submit(req(5))
+    assert e.value.status == 400 and "--max-batch 4" in e.value.message
+    for _ in range(7):  # --max-queue 8
         engine.submit(req())
     with pytest.raises(QueueFull):
         engine.submit(req())

@@ -3,7 +3,10 @@
     python -m qwen_jax.serve --checkpoint DIR [--host 127.0.0.1] [--port 8000] [--max-batch N]
         [--max-seq-len L] [--max-queue Q] [--api-key KEY] [--request-timeout S]
         [--shutdown-grace S] [--model-name NAME] [--generation-config FILE] [--dtype ...]
-        [--kv-cache {bf16,int8}] [--log-level LEVEL]
+        [--kv-cache {bf16,int8}] [--prefill-chunk N] [--log-level LEVEL]
+
+Continuous batching: --max-batch slots decode together; a new request takes a free slot
+between steps and its prompt is read --prefill-chunk tokens per step while the others decode.
 
 The model loads before the port opens (a bad checkpoint is one `error:` line, exit 1); the
 port then answers while the warm-up compiles (GET /health is 503 until it is done). SIGTERM or
@@ -33,7 +36,10 @@ def build_parser() -> Parser:
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--max-batch", type=int, default=8,
-                   help="rows (choices) decoded together at most (default 8)")
+                   help="slots: rows (choices) decoded together at most (default 8)")
+    p.add_argument("--prefill-chunk", type=int, default=512,
+                   help="prompt tokens read per engine step (>= 64; default 512); a longer "
+                   "prompt joins over several steps while the running requests decode")
     p.add_argument("--max-seq-len", type=int,
                    help="context: prompt + completion tokens (default: the model's seq_length)")
     p.add_argument("--max-queue", type=int, default=64,
@@ -60,6 +66,8 @@ def _check(args) -> None:
     for name in ("max_batch", "max_queue"):
         if getattr(args, name) < 1:
             raise CLIError(f"--{name.replace('_', '-')} {getattr(args, name)}: expected >= 1")
+    if args.prefill_chunk < 64:
+        raise CLIError(f"--prefill-chunk {args.prefill_chunk}: expected >= 64")
     if args.max_seq_len is not None and args.max_seq_len < 2:
         raise CLIError(f"--max-seq-len {args.max_seq_len}: expected >= 2")
     if not args.request_timeout > 0:
@@ -83,7 +91,7 @@ def _main(argv=None) -> int:
 
     import uvicorn  # the heavy imports after the argument checks
 
-    from qwen_jax.infer.generate import generate
+    from qwen_jax.infer.slots import SlotDecoder
     from qwen_jax.serve.app import Service, create_app
     from qwen_jax.serve.engine import Engine
     from qwen_jax.serve.metrics import Metrics
@@ -93,13 +101,12 @@ def _main(argv=None) -> int:
                                  args.generation_config).replace(vocab_limit=tokenizer.vocab_size)
     max_seq_len = args.max_seq_len or config.seq_length
 
-    def generate_fn(prompts, g, *, seed, max_length, stream):
-        return generate(params, config, prompts, g, seed=seed, max_length=max_length,
-                        stream=stream, loop="python", kv_cache=args.kv_cache)
-
+    decoder = SlotDecoder(params, config, slots=args.max_batch, max_seq_len=max_seq_len,
+                          vocab_limit=tokenizer.vocab_size, kv_cache=args.kv_cache,
+                          prefill_chunk=args.prefill_chunk)
     metrics = Metrics()
-    engine = Engine(generate_fn, tokenizer, gen, max_batch=args.max_batch,
-                    max_queue=args.max_queue, max_seq_len=max_seq_len, metrics=metrics)
+    engine = Engine(decoder, tokenizer, max_queue=args.max_queue, max_seq_len=max_seq_len,
+                    metrics=metrics)
     name = args.model_name or pathlib.Path(args.checkpoint).resolve().name
     service = Service(engine, tokenizer, gen, model_name=name, max_seq_len=max_seq_len,
                       api_key=args.api_key, request_timeout=args.request_timeout,

@@ -61,21 +61,19 @@ class Service:
         self.created = int(time.time())
 
     def warmup_requests(self) -> list[EngineRequest]:
-        """One short chat prompt with the default max_tokens: the checkpoint's sampling at
-        every batch size bucket, greedy at 1 (each stops after 2 tokens: both programs, the
-        prefill and the decode step, are compiled by then)."""
+        """A short chat prompt with the default max_tokens, stopping after 2 tokens, with the
+        checkpoint's sampling and greedy: the prefill and decode programs of common requests
+        are compiled before the server is ready (the decode step compiles per set of
+        processors its rows use; a mix compiles when it first occurs)."""
         ids = chat_format.make_context(self.tokenizer, "Hello!")[1]
         need = min(self.gen.max_new_tokens, self.max_seq_len - len(ids))
         if need < 1:
             return []
-        default = ChatRequest(messages=[]).sampling(self.gen)
-        sizes = sorted({min(1 << (k - 1).bit_length(), self.engine.max_batch)
-                        for k in range(1, self.engine.max_batch + 1)})
-        plans = [(default, b) for b in sizes]
+        kinds = [ChatRequest(messages=[]).sampling(self.gen)]
         greedy = ChatRequest(messages=[], temperature=0).sampling(self.gen)
-        plans += [(greedy, 1)] if greedy != default else []
-        return [EngineRequest([ids], n=b, sampling=s, max_tokens=need, stop_ids=self.chat_stops,
-                              seed=0, limit=2) for s, b in plans]
+        kinds += [greedy] if greedy != kinds[0] else []
+        return [EngineRequest([ids], sampling=s, max_tokens=need, stop_ids=self.chat_stops,
+                              seed=0, limit=2) for s in kinds]
 
     def check_ready(self) -> None:
         if self.engine.failed:

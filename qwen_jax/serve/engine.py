@@ -1,27 +1,24 @@
-"""The serving engine: one background thread owns the model and runs every decode.
+"""The serving engine: one background thread owns the decoder and runs every step.
 
-Requests enter a bounded FIFO queue (`submit` raises `QueueFull` past `max_queue` waiting
-requests). The thread takes the oldest waiting request and, behind it, every waiting request
-that can share its batch (the same `Sampling` and token stop sequences, no `seed` of its own)
-while their rows (choices) fit `max_batch` and the longest prompt plus the largest max_tokens
-fit the context, and runs them together through our batched `generate` (left padding: each
-row gets what it gets alone; greedy ids are the same as alone). A sampling request with a
-`seed` runs alone, its choices as rows 0..n-1, so that the seed reproduces its samples
-whatever else is waiting.
+Continuous batching. The decoder (`qwen_jax.infer.slots.SlotDecoder`, or anything with its
+`num_slots` / `admit` / `step` / `release` / `reset`) holds `max_batch` slots: rows of one KV
+cache that decode together in one compiled step, each with its own prompt, position,
+sampling parameters and seed. Requests enter a bounded FIFO queue (`submit` raises `QueueFull`
+past `max_queue` waiting requests); before every step the engine admits the oldest waiting
+requests into free slots (a request's choices all at once), and the decoder prefills a
+newcomer chunk by chunk between decode steps, so running requests keep decoding while it
+joins. A choice that ends frees its slot at once: at a token stop sequence (the stop itself
+left out), at a stop string (the text cut before it, as OpenAI does), at its `max_tokens`
+("length"), at the context's end, when its client disconnects or its deadline passes
+(within one step). Each row gets what it would get alone: the decoder's math is `generate`'s
+(greedy ids identical; with a seed, the same samples, the choice index as the row number).
 
-Tokens come back through `generate`'s `stream` callback and are turned, per choice, into text
-deltas (decoded from all the choice's ids each step; an incomplete UTF-8 character and an end
-that may begin a stop string are held back) put on the request's asyncio queue with
-`call_soon_threadsafe`. A choice ends at a token stop sequence (the stop itself left out), at
-a stop string (the text cut before it, as OpenAI does), or at its `max_tokens` ("length").
-A finished row (one that ended, was cancelled or whose deadline passed) keeps decoding padding
-until the whole batch ends: the batch ends early only when all its rows have, by raising out
-of the stream callback. Continuous batching (newcomers joining a running batch) is not done.
+Tokens are turned, per choice, into text deltas (decoded from all the choice's ids each
+step; an incomplete UTF-8 character and an end that may begin a stop string are held back)
+put on the request's asyncio queue with `call_soon_threadsafe`.
 
-Shapes are bucketed so that few programs compile: the batch is padded with copies of its first
-row to a power of two (at most `max_batch`), new tokens to a power of two >= 16, the prompt to
-generate's multiple of 64; near the context limit the cache is the context (`max_seq_len`).
-A failing batch fails its requests only (a 500 for each), never the engine.
+A step that fails fails the requests in the slots (a 500 each) and empties the decoder; a
+request the decoder refuses at admission fails alone. Neither stops the engine.
 """
 
 from __future__ import annotations
@@ -36,18 +33,13 @@ import time
 import traceback
 from typing import Callable, Sequence
 
+from qwen_jax.infer.sampling import SamplingParams
+
 log = logging.getLogger("qwen_jax.serve")
 
 
-@dataclasses.dataclass(frozen=True)
-class Sampling:
-    """What every row of one batch must share (generate compiles per value)."""
-
-    do_sample: bool = False
-    temperature: float = 1.0
-    top_k: int = 0
-    top_p: float = 1.0
-    repetition_penalty: float = 1.0
+# A request's sampling parameters are the decoder's (each slot has its own).
+Sampling = SamplingParams
 
 
 class EngineError(Exception):
@@ -114,10 +106,6 @@ class Request:
     def longest(self) -> int:
         return max(len(c.prompt) for c in self.choices)
 
-    @property
-    def key(self):
-        return (self.sampling, self.stop_ids)
-
     def cancel(self) -> None:
         """Stop working on the request (client gone): dropped from the queue when the engine
         next looks, its rows' output discarded."""
@@ -135,51 +123,38 @@ class Request:
             pass
 
 
-class _BatchDone(Exception):
-    """Raised from the stream callback when every row of the batch has ended."""
-
-
-def next_pow2(x: int) -> int:
-    return 1 << max(0, int(x) - 1).bit_length()
-
-
-def plan_lengths(longest: int, need: int, max_seq_len: int, multiple: int = 64):
-    """(max_new_tokens, max_length) for generate: new tokens rounded up to a power of two
-    (>= 16) with generate's own cache (prompt padded to `multiple` + new tokens) while that
-    fits the context; past it the cache is the context and the new tokens are rounded to a
-    multiple of 64 that still fits the longest prompt."""
-    padded = -(-longest // multiple) * multiple
-    num_new = next_pow2(max(need, 16))
-    if padded + num_new <= max_seq_len:
-        return num_new, None
-    return max(need, min(-(-need // 64) * 64, max_seq_len - longest)), max_seq_len
-
-
 class Engine:
-    """generate_fn(prompts, gen, *, seed, max_length, stream) runs one batch (our `generate`
-    with the model bound); `gen` is the checkpoint's GenerationConfig, which the engine
-    specialises per batch."""
+    """`decoder`: the slots (module doc); `max_seq_len`: the context a choice's prompt and
+    completion share."""
 
-    def __init__(self, generate_fn: Callable, tokenizer, gen, *, max_batch: int = 8,
-                 max_queue: int = 64, max_seq_len: int = 2048, metrics=None,
-                 warmup: Sequence[Request] = ()):
-        self.generate_fn, self.tokenizer, self.gen = generate_fn, tokenizer, gen
-        self.max_batch, self.max_queue, self.max_seq_len = max_batch, max_queue, max_seq_len
+    def __init__(self, decoder, tokenizer, *, max_queue: int = 64, max_seq_len: int = 2048,
+                 metrics=None, warmup: Sequence[Request] = ()):
+        self.decoder, self.tokenizer = decoder, tokenizer
+        self.max_batch, self.max_queue, self.max_seq_len = (decoder.num_slots, max_queue,
+                                                            max_seq_len)
         self.metrics, self.warmup = metrics, list(warmup)
         self.queue: collections.deque[Request] = collections.deque()
         self.cond = threading.Condition()
-        self.running: list[Request] = []
+        self.slots: dict[int, tuple[Request, Choice]] = {}  # slot -> its choice
         self.ready = threading.Event()
         self.failed: str | None = None
         self.closing = self.stopped = False
         self.on_fatal: Callable[[str], None] | None = None
         self.thread = threading.Thread(target=self._main, name="qwen-jax-engine", daemon=True)
 
+    @property
+    def running(self) -> list[Request]:
+        return list(dict.fromkeys(req for req, _ in self.slots.values()))
+
     # ------------------------------------------------------------------ the event loop side
     def start(self) -> None:
         self.thread.start()
 
     def submit(self, req: Request) -> None:
+        if len(req.choices) > self.max_batch:
+            raise EngineError(400, f"{len(req.choices)} choices are more than the server's "
+                              f"--max-batch {self.max_batch}", "invalid_request_error",
+                              param="n")
         with self.cond:
             if self.closing:
                 raise EngineError(503, "the server is shutting down", code="shutting_down")
@@ -195,7 +170,7 @@ class Engine:
         end = time.monotonic() + grace
         with self.cond:
             self.closing = True
-            while (self.queue or self.running) and time.monotonic() < end:
+            while (self.queue or self.slots) and time.monotonic() < end:
                 self.cond.wait(min(0.1, max(0.0, end - time.monotonic())))
             for req in list(self.queue) + self.running:
                 req.cancel()
@@ -213,24 +188,33 @@ class Engine:
         if self.metrics is not None:
             self.metrics.queue_depth.set(len(self.queue))
             self.metrics.running.set(len(self.running))
+            self.metrics.batch_rows.set(len(self.slots))
 
     # ------------------------------------------------------------------------ the thread
     def _main(self) -> None:
         try:
             start = time.perf_counter()
-            for req in self.warmup:  # compile the common shapes before reporting ready
-                self._run_batch([req])
-                if any(c.finished == "error" for c in req.choices):
+            warm = getattr(self.decoder, "warmup", None)
+            if warm is not None and self.warmup:  # every slot count of the warm-up's kinds
+                warm([r.sampling for r in self.warmup])
+            for req in self.warmup:  # compile the common programs before reporting ready
+                with self.cond:
+                    self.queue.append(req)
+                while not all(c.finished for c in req.choices):
+                    self._iterate()
+                if req.error is not None:
                     raise RuntimeError(f"warm-up failed: {req.error}")
             if self.warmup:
-                log.info("warm-up: %d batches compiled in %.1f s", len(self.warmup),
+                log.info("warm-up: %d requests compiled in %.1f s", len(self.warmup),
                          time.perf_counter() - start)
             self.ready.set()
-            while True:
-                batch = self._take()
-                if batch is None:
-                    return
-                self._run_batch(batch)
+            while not self.stopped:
+                if not self._iterate():
+                    with self.cond:
+                        if not (self.queue or self.slots or self.stopped):
+                            if self.metrics is not None:
+                                self.metrics.idle()
+                            self.cond.wait(0.5)
         except BaseException as e:  # the engine must say why it stopped
             self.failed = f"{type(e).__name__}: {e}"
             log.error("engine stopped: %s\n%s", self.failed, traceback.format_exc())
@@ -243,103 +227,86 @@ class Engine:
             if self.on_fatal is not None:
                 self.on_fatal(self.failed)
 
-    def _take(self) -> list[Request] | None:
-        """The next batch (the oldest request and those that can join it); None at close."""
+    def _iterate(self) -> bool:
+        """Admit what fits, run one decoder step, deliver its tokens, free the slots of the
+        choices that ended. False when there was nothing to run."""
         with self.cond:
-            while True:
-                now = time.monotonic()
-                for req in [r for r in self.queue if r.cancelled or r.expired(now)]:
-                    self.queue.remove(req)
-                    if not req.cancelled:
-                        req.put(Event("error", error=_timeout_error()))
-                self._gauges()
-                if self.stopped:
-                    return None
-                if self.queue:
-                    break
-                if self.metrics is not None:
-                    self.metrics.idle()
-                self.cond.wait(0.5)
-            first = self.queue.popleft()
-            batch, rows = [first], len(first.choices)
-            longest, need = first.longest, first.max_tokens
-            for req in list(self.queue) if first.seed is None else []:
-                # The batch's longest prompt and largest max_tokens must fit the context
-                # together (rows are left padded to the longest prompt).
-                if (req.seed is None and req.key == first.key
-                        and rows + len(req.choices) <= self.max_batch
-                        and max(longest, req.longest) + max(need, req.max_tokens)
-                        <= self.max_seq_len):
-                    self.queue.remove(req)
-                    batch.append(req)
-                    rows += len(req.choices)
-                    longest, need = max(longest, req.longest), max(need, req.max_tokens)
-            self.running = batch
-            self._gauges()
-            return batch
-
-    def _run_batch(self, batch: list[Request]) -> None:
-        rows = [(req, c) for req in batch for c in req.choices]
-        first = batch[0]
-        prompts = [c.prompt for _, c in rows]
-        size = min(next_pow2(len(rows)), max(self.max_batch, len(rows)))
-        prompts += [prompts[0]] * (size - len(rows))
-        need = max(req.max_tokens for req in batch)
-        num_new, max_length = plan_lengths(max(map(len, prompts)), need, self.max_seq_len)
-        s = first.sampling
-        gen = self.gen.replace(max_new_tokens=num_new, do_sample=s.do_sample,
-                               temperature=s.temperature, top_k=s.top_k, top_p=s.top_p,
-                               repetition_penalty=s.repetition_penalty,
-                               stop_sequences=first.stop_ids)
-        seed = first.seed if first.seed is not None else random.getrandbits(31)
-        if self.metrics is not None:
-            self.metrics.batch_rows.set(len(rows))
-            if first.loop is not None:  # not the warm-up
-                self.metrics.batch_size.observe(len(rows))
-            self.metrics.prompt_tokens.inc(sum(r.prompt_tokens for r in batch))
-
-        def stream(tokens, active):
-            now, count = time.monotonic(), 0
-            for row, (req, c) in enumerate(rows):
-                if c.finished:
-                    continue
-                if req.cancelled or req.expired(now):
-                    self._finish(req, c, "cancelled", "")
-                elif not active[row]:  # generate ended the row (a stop we did not see)
-                    self._finish(req, c, "stop", self._text(req, c.ids)[0][len(c.sent):])
-                else:
-                    self._advance(req, c, int(tokens[row]), now)
-                    count += 1
+            self._admit()
+            if not self.slots:
+                return False
             if self.metrics is not None:
-                self.metrics.add_tokens(count)
-            if all(c.finished for _, c in rows):
-                raise _BatchDone
-
+                self.metrics.batch_size.observe(len(self.slots))
         try:
-            self.generate_fn(prompts, gen, seed=seed, max_length=max_length, stream=stream)
-        except _BatchDone:
-            pass
-        except Exception as e:  # contained to this batch's requests
-            log.error("batch of %d requests failed: %s\n%s", len(batch), e,
-                      traceback.format_exc())
-            for req in batch:
-                req.error = f"{type(e).__name__}: {e}"
-                for c in req.choices:
-                    c.finished = c.finished or "error"
-                req.put(Event("error", error=EngineError(
-                    500, f"generation failed: {type(e).__name__}: {e}")))
-        finally:
-            for req, c in rows:  # rows generate ran out of tokens for
-                if not c.finished:
-                    text = self._text(req, c.ids)[0]
-                    self._finish(req, c, "length" if len(c.ids) >= num_new else "stop",
-                                 text[len(c.sent):])
+            emitted = self.decoder.step()
+        except Exception as e:  # contained to the requests in the slots
+            log.error("a decoding step failed: %s\n%s", e, traceback.format_exc())
+            self.decoder.reset()
             with self.cond:
-                self.running = []
+                failed = self.running
+                self.slots.clear()
                 self._gauges()
                 self.cond.notify_all()
+            for req in failed:
+                self._fail(req, f"generation failed: {type(e).__name__}: {e}")
+            return True
+        now, count = time.monotonic(), 0
+        for slot, token in emitted:
+            req, c = self.slots[slot]
+            if not c.finished:
+                self._advance(req, c, int(token), now)
+                count += 1
+        if self.metrics is not None:
+            self.metrics.add_tokens(count)
+        with self.cond:
+            for slot, (req, c) in list(self.slots.items()):
+                if not c.finished and (req.cancelled or req.expired(now)):
+                    self._finish(req, c, "cancelled", "")
+                elif not c.finished and len(c.prompt) + len(c.ids) >= self.max_seq_len:
+                    self._finish(req, c, "length", self._text(req, c.ids)[0][len(c.sent):])
+                if c.finished:
+                    self.decoder.release(slot)
+                    del self.slots[slot]
+            self._gauges()
+            self.cond.notify_all()
+        return True
+
+    def _admit(self) -> None:
+        """Drop the waiting requests that were cancelled or expired; move the oldest waiting
+        ones into free slots while their choices fit (first come, first served)."""
+        now = time.monotonic()
+        for req in [r for r in self.queue if r.cancelled or r.expired(now)]:
+            self.queue.remove(req)
+            if not req.cancelled:
+                req.put(Event("error", error=_timeout_error()))
+        free = [s for s in range(self.max_batch) if s not in self.slots]
+        while self.queue and len(self.queue[0].choices) <= len(free):
+            req = self.queue.popleft()
+            seed = req.seed if req.seed is not None else random.getrandbits(31)
+            taken = []
+            try:
+                for c in req.choices:
+                    slot = free.pop(0)
+                    self.decoder.admit(slot, c.prompt, req.sampling, seed=seed, row=c.index)
+                    taken.append(slot)
+                    self.slots[slot] = (req, c)
+            except Exception as e:  # this request only
+                log.error("admitting a request failed: %s\n%s", e, traceback.format_exc())
+                for slot in taken:
+                    self.decoder.release(slot)
+                    del self.slots[slot]
+                free = sorted(free + taken)
+                self._fail(req, f"generation failed: {type(e).__name__}: {e}")
+                continue
             if self.metrics is not None:
-                self.metrics.batch_rows.set(0)
+                self.metrics.prompt_tokens.inc(req.prompt_tokens)
+        self._gauges()
+
+    def _fail(self, req: Request, message: str) -> None:
+        req.error = message
+        for c in req.choices:
+            c.finished = c.finished or "error"
+        req.put(Event("error", error=EngineError(500, message)))
+
 
     # ------------------------------------------------------------------ one choice's text
     def _text(self, req: Request, ids: list[int]) -> tuple[str, bool]:

@@ -39,9 +39,9 @@ class Metrics:
         self.queue_depth = Gauge("qwen_jax_queue_depth", "requests waiting for the engine",
                                  registry=r)
         self.running = Gauge("qwen_jax_running_requests", "requests being decoded", registry=r)
-        self.batch_rows = Gauge("qwen_jax_batch_rows", "rows of the batch being decoded",
+        self.batch_rows = Gauge("qwen_jax_batch_rows", "slots (rows) in use in the decode batch",
                                 registry=r)
-        self.batch_size = Histogram("qwen_jax_batch_size", "rows of each batch run",
+        self.batch_size = Histogram("qwen_jax_batch_size", "slots in use at each engine step",
                                     buckets=(1, 2, 4, 8, 16, 32, 64, 128), registry=r)
         self.generated = Counter("qwen_jax_generated_tokens", "tokens generated", registry=r)
         self.prompt_tokens = Counter("qwen_jax_prompt_tokens", "prompt tokens decoded",
