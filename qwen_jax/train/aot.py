@@ -29,7 +29,7 @@ import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding
 
 from qwen_jax.data.pipeline import BATCH_KEYS
-from qwen_jax.model.kv_cache import CACHE_LOGICAL_AXES, KVCache, init_cache
+from qwen_jax.model.kv_cache import KVCache, cache_logical_axes, init_cache
 from qwen_jax.model.transformer import Qwen, abstract_params, param_shardings
 from qwen_jax.parallel import sharding as shd
 from qwen_jax.train import build as train_build
@@ -172,18 +172,20 @@ def compile_train(cfg, mesh: Mesh, sl: Slice) -> dict:
     return _compile(lowered, sl)
 
 
-def cache_shardings(mesh: Mesh) -> KVCache:
-    specs = {f.name: shd.logical_to_spec(getattr(CACHE_LOGICAL_AXES, f.name))
+def cache_shardings(mesh: Mesh, cache: KVCache) -> KVCache:
+    """The shardings of a float `cache` (its logical axes: `cache_logical_axes`)."""
+    axes = cache_logical_axes(cache)
+    specs = {f.name: shd.logical_to_spec(getattr(axes, f.name))
              for f in dataclasses.fields(KVCache)}
     return KVCache(**{k: NamedSharding(mesh, spec) for k, spec in specs.items()})
 
 
 def compile_decode(model_config, mesh: Mesh, sl: Slice, batch: int, max_len: int) -> dict:
-    """One greedy decoding step: [batch, 1] tokens against a cache of max_len, bf16 weights."""
+    """One greedy decoding step of the server's slot cache (`qwen_jax.infer.slots`: every
+    row at its own index): [batch, 1] tokens against a cache of max_len, bf16 weights."""
     config = _tpu_model_config(model_config).replace(param_dtype=model_config.dtype,
                                                      remat_policy="none")
     param_sh = param_shardings(config, mesh)
-    cache_sh = cache_shardings(mesh)
     token_sh = shd.batch_sharding(mesh, 2)
     model = Qwen(config)
 
@@ -191,7 +193,8 @@ def compile_decode(model_config, mesh: Mesh, sl: Slice, batch: int, max_len: int
         logits, cache = model.apply({"params": params}, tokens, cache=cache)
         return jnp.argmax(logits[:, -1], axis=-1).astype(jnp.int32), cache
 
-    cache = jax.eval_shape(lambda: init_cache(config, batch, max_len))
+    cache = jax.eval_shape(lambda: init_cache(config, batch, max_len, per_row=True))
+    cache_sh = cache_shardings(mesh, cache)
     cache = jax.tree_util.tree_map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype,
                                                                       sharding=sh),
                                    cache, cache_sh)
