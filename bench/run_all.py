@@ -30,6 +30,8 @@ BENCHMARKS = {
                       ["bench/data_pipeline.py"]),
     "attention": ("Attention kernels: Pallas vs jax.nn.dot_product_attention vs XLA",
                   ["bench/attention.py"]),
+    "serve": ("Serving: continuous batching vs one request at a time (CPU)",
+              ["bench/serve.py"]),
 }
 
 
