@@ -237,6 +237,23 @@ def _prepare(q, k, v, q_seg, kv_seg, spec):
     return tq, tk, tq(q), tk(k), tk(v), q_seg, kv_seg
 
 
+# Matmuls of head_dim per visible (query, key) pair in each kernel, each a multiply-add (2
+# FLOPs): forward q.k and p.v; dq recomputes q.k, then do.v and ds.k; dk/dv recomputes q.k,
+# then p.do, do.v and ds.q.
+_MATMULS = {"flash_fwd_tpu": 2, "flash_dq_tpu": 3, "flash_dkdv_tpu": 4}
+
+
+def _cost(spec, batch: int, heads: int, dim: int, name: str, args, out_shape):
+    """What a call computes, for XLA's cost analysis (a custom call is opaque to it): the
+    visible pairs of a causal call taken as q_len (kv_len + 1) / 2, every pair otherwise (a
+    runtime window or segments make it less); bytes: every operand and result once."""
+    pairs = spec.q_len * ((spec.kv_len + 1) / 2 if spec.causal else spec.kv_len)
+    outs = jax.tree_util.tree_leaves(out_shape)
+    nbytes = sum(x.size * jnp.dtype(x.dtype).itemsize for x in [*args, *outs])
+    return pl.CostEstimate(flops=int(2 * _MATMULS[name] * batch * heads * pairs * dim),
+                           transcendentals=int(batch * heads * pairs), bytes_accessed=int(nbytes))
+
+
 def _call(kernel, spec, grid, in_specs, out_specs, out_shape, scratch, args, name):
     gen = dict(spec.options).get("generation", "v5p")
     params = pltpu.CompilerParams(
@@ -244,8 +261,11 @@ def _call(kernel, spec, grid, in_specs, out_specs, out_shape, scratch, args, nam
         vmem_limit_bytes=GENERATION_VMEM.get(gen))
     grid_spec = pltpu.PrefetchScalarGridSpec(num_scalar_prefetch=1, grid=grid, in_specs=in_specs,
                                              out_specs=out_specs, scratch_shapes=scratch)
+    batch, heads, _, dim = args[1].shape
     return pl.pallas_call(kernel, grid_spec=grid_spec, out_shape=out_shape,
-                          compiler_params=params, interpret=spec.interpret, name=name)(*args)
+                          compiler_params=params, interpret=spec.interpret, name=name,
+                          cost_estimate=_cost(spec, batch, heads, dim, name, args, out_shape)
+                          )(*args)
 
 
 def _block(*shape):
