@@ -29,6 +29,9 @@ _NUM_SLICES = flags.DEFINE_integer("num_slices", 1, "Compile-only: number of sli
 _DECODE_BATCH = flags.DEFINE_integer(
     "decode_batch", 0, "Compile-only: rows of the decode step (0 = a multiple of the "
     "data-parallel size, at least 8; -1 = skip the decode step).")
+_XLA_COST = flags.DEFINE_boolean(
+    "xla_cost", True, "Compile-only: also XLA's cost analysis of the whole training step "
+    "(four more compiles of 1-2 layers) and the step time and MFU it implies.")
 _REPORT_JSON = flags.DEFINE_string("report_json", None, "Compile-only: also write the report "
                                    "as JSON to this file.")
 _COORDINATOR = flags.DEFINE_string(
@@ -97,7 +100,9 @@ def compile_only() -> int:
     if _CONFIG.value.get("task", "lm") != "lm":
         from qwen_jax.align import aot as checker
     try:
-        report = checker.check(_CONFIG.value, _TOPOLOGY.value, _NUM_SLICES.value, decode)
+        extra = {"with_xla_cost": _XLA_COST.value} if checker is aot else {}
+        report = checker.check(_CONFIG.value, _TOPOLOGY.value, _NUM_SLICES.value, decode,
+                               **extra)
     except (aot.AotError, train_loop.TrainError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -159,17 +159,90 @@ def _tpu_model_config(config):
     return config.replace(attention_impl="pallas") if config.attention_impl == "auto" else config
 
 
-def compile_train(cfg, mesh: Mesh, sl: Slice) -> dict:
-    trainer = train_build.build_trainer(cfg, mesh)
-    trainer = dataclasses.replace(trainer, model_config=_tpu_model_config(trainer.model_config))
-    shape = (cfg.global_batch_size, cfg.data.seq_len)
+def _lower_train(trainer, batch_size: int, seq_len: int, mesh: Mesh, sl: Slice):
+    shape = (batch_size, seq_len)
     batch = {key: jax.ShapeDtypeStruct(shape, jnp.float32 if key == "loss_mask" else jnp.int32,
                                        sharding=trainer.batch_sharding())
              for key in BATCH_KEYS}
     rng = jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=shd.replicated(mesh))
     with jax.default_device(sl.devices[0]):
-        lowered = trainer.jit_train_step().lower(trainer.abstract_state(), batch, rng)
-    return _compile(lowered, sl)
+        return trainer.jit_train_step().lower(trainer.abstract_state(), batch, rng)
+
+
+def compile_train(cfg, mesh: Mesh, sl: Slice) -> dict:
+    trainer = train_build.build_trainer(cfg, mesh)
+    trainer = dataclasses.replace(trainer, model_config=_tpu_model_config(trainer.model_config))
+    return _compile(_lower_train(trainer, cfg.global_batch_size, cfg.data.seq_len, mesh, sl),
+                    sl)
+
+
+COST_KEYS = {"flops": "flops", "bytes accessed": "bytes_accessed",
+             "optimal_seconds": "optimal_seconds"}
+
+
+def _cost(compiled) -> dict:
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    return {ours: float(cost.get(theirs, float("nan"))) for theirs, ours in COST_KEYS.items()}
+
+
+# XLA (TPU) turns an FSDP all-gather or reduce-scatter next to a matmul into a loop over the
+# shards (a windowed einsum: the matmul in pieces beside collective-permutes); for the cost
+# compiles it keeps them whole, so that no loop of its own hides work.
+NO_WINDOWED_EINSUM = {"xla_tpu_enable_windowed_einsum_for_all_gather": False,
+                      "xla_tpu_enable_windowed_einsum_for_reduce_scatter": False}
+_WHILE_RE = re.compile(r"\swhile\(")
+
+
+def xla_cost(cfg, mesh: Mesh, sl: Slice) -> dict:
+    """XLA's cost analysis of the whole training step, per device.
+
+    XLA counts a loop body once: the layer scan, the microbatch loop and the fused loss's
+    chunk loop of the real program, and the loops XLA itself makes of FSDP matmuls
+    (windowed einsums), would each be counted as one trip. So the step is compiled four
+    more times without loops (layers and microbatches unrolled, the loss in one chunk per
+    microbatch, windowed einsums off) at 1 and 2 layers x 1 and 2 microbatches of the real
+    microbatch size, and each figure f is extrapolated bilinearly,
+    f(L, k) = a + b L + c k + d L k, to the config's L layers and k microbatches: exact,
+    since every layer and every microbatch is the same program (the optimizer's cost is in
+    a and b, once per step). The FLOPs are the real step's; the bytes leave out that the
+    real loss loop reads the lm_head again for each chunk. `loops_left` counts the loops
+    that remain in those programs anyway (0 expected). `optimal_seconds` is None where XLA's
+    sum is negative (it adds -1 for instructions it has no timing model for)."""
+    base = train_build.build_trainer(cfg, mesh)
+    layers, k = base.model_config.num_hidden_layers, cfg.microbatches
+    rows = cfg.global_batch_size // k
+    one_chunk = dataclasses.replace(base.loss, chunk_tokens=rows * cfg.data.seq_len)
+    base = dataclasses.replace(base, loss=one_chunk)
+    config = _tpu_model_config(base.model_config).replace(scan_layers=False)
+    points, seconds, loops = {}, 0.0, 0
+    for n_layers in (1, 2):
+        for micro in (1, 2):
+            trainer = dataclasses.replace(
+                base, model_config=config.replace(num_hidden_layers=n_layers),
+                microbatches=micro, unroll_microbatches=True)
+            t0 = time.perf_counter()
+            compiled = _lower_train(trainer, rows * micro, cfg.data.seq_len, mesh,
+                                    sl).compile(compiler_options=NO_WINDOWED_EINSUM)
+            seconds += time.perf_counter() - t0
+            points[n_layers, micro] = _cost(compiled)
+            loops = max(loops, len(_WHILE_RE.findall(compiled.as_text())))
+    out = {}
+    for key in COST_KEYS.values():
+        f = {p: v[key] for p, v in points.items()}
+        d = f[2, 2] - f[2, 1] - f[1, 2] + f[1, 1]
+        b = f[2, 1] - f[1, 1] - d
+        c = f[1, 2] - f[1, 1] - d
+        a = f[1, 1] - b - c - d
+        out[key] = a + b * layers + c * k + d * layers * k
+    negative = any(v["optimal_seconds"] < 0 for v in points.values())
+    if negative or not math.isfinite(out["optimal_seconds"]):
+        out["optimal_seconds"] = None
+    out.update(method=f"4 loop-free compiles (1-2 layers x 1-2 microbatches of {rows} rows), "
+                      f"extrapolated to {layers} layers x {k} microbatches",
+               loops_left=loops, compile_seconds=round(seconds, 1),
+               points={f"{n}x{m}": v for (n, m), v in points.items()})
+    return out
 
 
 def cache_shardings(mesh: Mesh, cache: KVCache) -> KVCache:
@@ -215,10 +288,12 @@ def default_decode_batch(mesh: Mesh) -> int:
 
 
 # ------------------------------------------------------------------------- the check
-def check(cfg, topology_name: str, num_slices: int = 1, decode_batch: int | None = 0) -> dict:
+def check(cfg, topology_name: str, num_slices: int = 1, decode_batch: int | None = 0,
+          with_xla_cost: bool = False) -> dict:
     """Compile cfg's training step (and, unless decode_batch is None, a decode step) for the
     topology; returns the report (see `format_report`). `fits` is False when either does not
-    compile or does not fit."""
+    compile or does not fit. `with_xla_cost`: also XLA's cost analysis of the whole step
+    (`xla_cost`: four more, small, compiles) and the estimate from it."""
     sl = topology(topology_name, num_slices)
     mesh = topology_mesh(tuple(cfg.mesh), sl)
     model_config = train_build.model_config(cfg)
@@ -232,10 +307,13 @@ def check(cfg, topology_name: str, num_slices: int = 1, decode_batch: int | None
         "attention_impl": _tpu_model_config(model_config).attention_impl,
     }
     report["train"] = compile_train(cfg, mesh, sl)
+    if with_xla_cost and report["train"]["fits"]:
+        report["xla_cost"] = xla_cost(cfg, mesh, sl)
     report["roofline"] = roofline.estimate(
         model_config, chip=sl.chip, seq_len=cfg.data.seq_len,
         global_batch=cfg.global_batch_size, microbatches=cfg.microbatches,
-        mesh=dict(mesh.shape), num_slices=sl.num_slices, devices_per_chip=sl.devices_per_chip)
+        mesh=dict(mesh.shape), num_slices=sl.num_slices, devices_per_chip=sl.devices_per_chip,
+        xla=report.get("xla_cost"))
     if decode_batch is not None:
         report["decode"] = compile_decode(model_config, mesh, sl,
                                           decode_batch or default_decode_batch(mesh),
@@ -264,8 +342,8 @@ def _step_lines(name: str, r: dict) -> list[str]:
         f"{_gib(m['code'])}",
         f"  total {_gib(m['total'])} of {_gib(hbm)} HBM per device "
         f"({100 * m['total'] / hbm:.0f}%): {'fits' if r['fits'] else 'DOES NOT FIT'}",
-        f"  XLA FLOPs per device: {flops_:.3e} (cost_analysis; a loop body counts once)"
-        if flops_ is not None else "  XLA FLOPs per device: not reported",
+        f"  XLA FLOPs per device: {flops_:.3e} (cost_analysis of this program: a loop body "
+        "counts once)" if flops_ is not None else "  XLA FLOPs per device: not reported",
         "  collectives: " + ", ".join(f"{k} {v}" for k, v in r["collectives"].items()),
     ]
     if not r["fits"]:
@@ -290,8 +368,26 @@ def format_report(report: dict) -> str:
         f"{_secs(est['comm_seconds'])} -> step {_secs(est['step_seconds'])} overlapped "
         f"({_secs(est['serial_step_seconds'])} serial), {est['bound']}-bound",
         f"  estimated MFU {100 * est['mfu']:.1f}% ({100 * est['serial_mfu']:.1f}% serial), "
-        f"{est['tokens_per_second']:,.0f} tokens/s",
+        f"{est['tokens_per_second']:,.0f} tokens/s (every FLOP at peak, no HBM time)",
     ]
+    cost = report.get("xla_cost")
+    if cost:
+        optimal = cost["optimal_seconds"]
+        ratio = cost["flops"] / est["model_flops_per_device"]
+        lines += [
+            f"  XLA cost_analysis of the whole step ({cost['method']}; "
+            f"{cost['compile_seconds']} s)"
+            + (f"; {cost['loops_left']} loop(s) of XLA's own left, counted once: an "
+               "undercount" if cost["loops_left"] else "") + ":",
+            f"    FLOPs {cost['flops']:.3e} per device ({ratio:.2f}x the model FLOPs), "
+            "bytes accessed "
+            f"{cost['bytes_accessed'] / 1e9:,.1f} GB, optimal_seconds "
+            + (f"{optimal:.3f}" if optimal is not None else "not modelled (negative sum)"),
+            f"    -> FLOPs at peak {_secs(est['xla_compute_seconds'])}, bytes at HBM bandwidth "
+            f"{_secs(est['xla_memory_seconds'])}; step {_secs(est['xla_step_seconds'])} "
+            f"(bound: {est['xla_bound']}): estimated MFU {100 * est['xla_mfu']:.1f}%, "
+            f"{est['xla_tokens_per_second']:,.0f} tokens/s",
+        ]
     if "decode" in report:
         d = report["decode"]
         lines.append(f"decode step: batch {d['batch']}, cache {d['cache_len']} tokens, bf16 "

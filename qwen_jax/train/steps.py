@@ -85,6 +85,9 @@ class Trainer:
     # LoRA: path (tuple of keys) -> whether that parameter trains (qwen_jax.model.lora
     # .trainable_fn). The rest is frozen: no gradient and no optimizer state. None: all train.
     trainable: Callable[[tuple], bool] | None = None
+    # Unroll the microbatch loop (XLA's cost analysis then counts every microbatch: the
+    # compile-only report's cost extrapolation; a rolled loop counts its body once).
+    unroll_microbatches: bool = False
 
     @property
     def model(self) -> Qwen:
@@ -243,7 +246,7 @@ class Trainer:
         zeros = jax.tree_util.tree_map(jnp.zeros_like, trained)
         (grads, loss_sum, count), _ = jax.lax.scan(
             accumulate, (zeros, jnp.zeros(()), jnp.zeros(())),
-            (micro, jnp.arange(self.microbatches)))
+            (micro, jnp.arange(self.microbatches)), unroll=self.unroll_microbatches)
         count = jnp.maximum(count, 1.0)
         grads = jax.tree_util.tree_map(lambda g: g / count, grads)
         loss = loss_sum / count
