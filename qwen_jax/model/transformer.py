@@ -148,37 +148,8 @@ class Embed(nn.Module):
         table = self.param("embedding",
                            nn.with_logical_partitioning(dense_init(cfg), ("vocab", "embed")),
                            (cfg.vocab_size, cfg.hidden_size), jnp_dtype(cfg.param_dtype))
-        return _lookup(table, tokens).astype(jnp_dtype(cfg.dtype))
-
-
-@jax.custom_vjp
-def _lookup(table, tokens):
-    """table[tokens], with the table gathered over 'fsdp' first so that the
-    vocabulary-sharded gather partitions cleanly."""
-    return jnp.take(nn.with_logical_constraint(table, ("vocab", None)), tokens, axis=0)
-
-
-def _lookup_fwd(table, tokens):
-    return _lookup(table, tokens), (table, tokens)
-
-
-def _lookup_bwd(residuals, g):
-    """The table's gradient is scattered into a zero table sharded as the parameter is: the
-    cotangent [B, T, H] moves from batch-sharded over ('data', 'fsdp') to batch over 'data'
-    and width over 'fsdp' (an all-to-all of tokens x H / fsdp values per device), and each
-    device adds its width slice of every token. Scattering each device's tokens into a full
-    float32 [V, H] table and all-reducing it instead holds V x H floats per device and moves
-    more bytes whenever a device's tokens are fewer than the vocabulary."""
-    table, tokens = residuals
-    logical = ("vocab", "embed")
-    zeros = nn.with_logical_constraint(jnp.zeros(table.shape, g.dtype), logical)
-    g = nn.with_logical_constraint(g, ("activation_data", None, "embed"))
-    tokens = nn.with_logical_constraint(tokens, ("activation_data", None))
-    grad = zeros.at[tokens].add(g)
-    return nn.with_logical_constraint(grad, logical).astype(table.dtype), None
-
-
-_lookup.defvjp(_lookup_fwd, _lookup_bwd)
+        table = nn.with_logical_constraint(table, ("vocab", None))
+        return jnp.take(table, tokens, axis=0).astype(jnp_dtype(cfg.dtype))
 
 
 class Qwen(nn.Module):

@@ -31,7 +31,6 @@ RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("norm", None),
     # activations
     ("activation_batch", BATCH_AXES),
-    ("activation_data", "data"),  # a batch axis split over 'data' only (fsdp holds another)
     ("activation_length", None),
     ("activation_embed", None),
     ("activation_heads", "tensor"),
