@@ -158,8 +158,7 @@ def search(model, chip, cache, args, deadline) -> dict:
 
 def roofline_mfu(model, chip, r) -> float:
     """The roofline MFU of a fitting row, from the current roofline (not the cached one)."""
-    mesh = r["mesh"]
-    tensor = int(mesh[2] if isinstance(mesh, (tuple, list)) else mesh.strip("()").split(",")[2])
+    tensor = r["mesh"][2]  # search() gives the mesh as (data, fsdp, tensor)
     devices = r["chips"] * DEVICES_PER_CHIP.get(chip, 1)
     mesh = {"data": 1, "fsdp": devices // tensor, "tensor": tensor}
     return roofline.estimate(preset(model, remat_policy=r["remat"]), chip=roofline.CHIPS[chip],

@@ -130,10 +130,20 @@ def count_collectives(hlo_text: str) -> dict:
     return {name: found.get(name, 0) for name in COLLECTIVES}
 
 
-def _xla_flops(compiled) -> float | None:
+COST_KEYS = {"flops": "flops", "bytes accessed": "bytes_accessed",
+             "optimal_seconds": "optimal_seconds"}
+
+
+def _cost(compiled) -> dict:
+    """XLA's cost analysis of `compiled` (COST_KEYS; NaN where it reports nothing)."""
     cost = compiled.cost_analysis()
-    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-    return float(cost["flops"]) if cost and "flops" in cost else None
+    cost = (cost[0] if isinstance(cost, (list, tuple)) else cost) or {}
+    return {ours: float(cost.get(theirs, float("nan"))) for theirs, ours in COST_KEYS.items()}
+
+
+def _xla_flops(compiled) -> float | None:
+    flops = _cost(compiled)["flops"]
+    return flops if math.isfinite(flops) else None
 
 
 def _compile(lowered, sl: Slice) -> dict:
@@ -174,16 +184,6 @@ def compile_train(cfg, mesh: Mesh, sl: Slice) -> dict:
     trainer = dataclasses.replace(trainer, model_config=_tpu_model_config(trainer.model_config))
     return _compile(_lower_train(trainer, cfg.global_batch_size, cfg.data.seq_len, mesh, sl),
                     sl)
-
-
-COST_KEYS = {"flops": "flops", "bytes accessed": "bytes_accessed",
-             "optimal_seconds": "optimal_seconds"}
-
-
-def _cost(compiled) -> dict:
-    cost = compiled.cost_analysis()
-    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-    return {ours: float(cost.get(theirs, float("nan"))) for theirs, ours in COST_KEYS.items()}
 
 
 # XLA (TPU) turns an FSDP all-gather or reduce-scatter next to a matmul into a loop over the
@@ -379,9 +379,8 @@ def format_report(report: dict) -> str:
             f"{cost['compile_seconds']} s)"
             + (f"; {cost['loops_left']} loop(s) of XLA's own left, counted once: an "
                "undercount" if cost["loops_left"] else "") + ":",
-            f"    FLOPs {cost['flops']:.3e} per device ({ratio:.2f}x the model FLOPs), "
-            "bytes accessed "
-            f"{cost['bytes_accessed'] / 1e9:,.1f} GB, optimal_seconds "
+            f"    FLOPs {cost['flops']:.3e} per device ({ratio:.2f}x the model FLOPs), bytes "
+            f"accessed {cost['bytes_accessed'] / 1e9:,.1f} GB, optimal_seconds "
             + (f"{optimal:.3f}" if optimal is not None else "not modelled (negative sum)"),
             f"    -> FLOPs at peak {_secs(est['xla_compute_seconds'])}, bytes at HBM bandwidth "
             f"{_secs(est['xla_memory_seconds'])}; step {_secs(est['xla_step_seconds'])} "

@@ -135,8 +135,8 @@ def estimate(config: QwenConfig, *, chip: Chip, seq_len: int, global_batch: int,
     across_slices = num_slices > 1
     ici_bytes = fsdp_bytes + tensor_bytes + (0 if across_slices else data_bytes)
     tensor_comm = tensor_bytes / ici
-    overlapped = comm = ici_bytes / ici + (data_bytes / dcn if across_slices else 0.0)
-    overlapped -= tensor_comm
+    overlapped = (ici_bytes - tensor_bytes) / ici + (data_bytes / dcn if across_slices else 0.0)
+    comm = overlapped + tensor_comm
     compute = executed / peak
     step = max(compute, overlapped) + tensor_comm
     serial = compute + comm
