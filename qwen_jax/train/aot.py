@@ -200,15 +200,17 @@ def xla_cost(cfg, mesh: Mesh, sl: Slice) -> dict:
     XLA counts a loop body once: the layer scan, the microbatch loop and the fused loss's
     chunk loop of the real program, and the loops XLA itself makes of FSDP matmuls
     (windowed einsums), would each be counted as one trip. So the step is compiled four
-    more times without loops (layers and microbatches unrolled, the loss in one chunk per
-    microbatch, windowed einsums off) at 1 and 2 layers x 1 and 2 microbatches of the real
+    times more without loops (layers and microbatches unrolled, the loss in one chunk per
+    microbatch, windowed einsums off) at 1 and 2 layers x 2 and 3 microbatches of the real
     microbatch size, and each figure f is extrapolated bilinearly,
     f(L, k) = a + b L + c k + d L k, to the config's L layers and k microbatches: exact,
     since every layer and every microbatch is the same program (the optimizer's cost is in
-    a and b, once per step). The FLOPs are the real step's; the bytes leave out that the
-    real loss loop reads the lm_head again for each chunk. `loops_left` counts the loops
-    that remain in those programs anyway (0 expected). `optimal_seconds` is None where XLA's
-    sum is negative (it adds -1 for instructions it has no timing model for)."""
+    a and b, once per step). A one-microbatch step has no gradient accumulator, a program
+    of its own: it is compiled at 1 and 2 layers and extrapolated in L alone. The FLOPs are
+    the real step's; the bytes leave out that the real loss loop reads the lm_head again for
+    each chunk. `loops_left` counts the loops that remain in those programs anyway (0
+    expected). `optimal_seconds` is None where XLA's sum is negative (it adds -1 for
+    instructions it has no timing model for)."""
     base = train_build.build_trainer(cfg, mesh)
     layers, k = base.model_config.num_hidden_layers, cfg.microbatches
     rows = cfg.global_batch_size // k
@@ -216,8 +218,10 @@ def xla_cost(cfg, mesh: Mesh, sl: Slice) -> dict:
     base = dataclasses.replace(base, loss=one_chunk)
     config = _tpu_model_config(base.model_config).replace(scan_layers=False)
     points, seconds, loops = {}, 0.0, 0
+    k0 = 1 if k == 1 else 2  # the lower microbatch point
+    micros = (1,) if k == 1 else (2, 3)
     for n_layers in (1, 2):
-        for micro in (1, 2):
+        for micro in micros:
             trainer = dataclasses.replace(
                 base, model_config=config.replace(num_hidden_layers=n_layers),
                 microbatches=micro, unroll_microbatches=True)
@@ -229,17 +233,19 @@ def xla_cost(cfg, mesh: Mesh, sl: Slice) -> dict:
             loops = max(loops, len(_WHILE_RE.findall(compiled.as_text())))
     out = {}
     for key in COST_KEYS.values():
-        f = {p: v[key] for p, v in points.items()}
-        d = f[2, 2] - f[2, 1] - f[1, 2] + f[1, 1]
-        b = f[2, 1] - f[1, 1] - d
-        c = f[1, 2] - f[1, 1] - d
-        a = f[1, 1] - b - c - d
-        out[key] = a + b * layers + c * k + d * layers * k
+        f = {(n, m - k0): v[key] for (n, m), v in points.items()}  # m - k0: 0 or 1
+        if k == 1:
+            f[1, 1], f[2, 1] = f[1, 0], f[2, 0]
+        d = f[2, 1] - f[2, 0] - f[1, 1] + f[1, 0]
+        b = f[2, 0] - f[1, 0]
+        c = f[1, 1] - f[1, 0]
+        out[key] = f[1, 0] + b * (layers - 1) + c * (k - k0) + d * (layers - 1) * (k - k0)
     negative = any(v["optimal_seconds"] < 0 for v in points.values())
     if negative or not math.isfinite(out["optimal_seconds"]):
         out["optimal_seconds"] = None
-    out.update(method=f"4 loop-free compiles (1-2 layers x 1-2 microbatches of {rows} rows), "
-                      f"extrapolated to {layers} layers x {k} microbatches",
+    micro_text = "1 microbatch" if k == 1 else "2-3 microbatches"
+    out.update(method=f"{len(points)} loop-free compiles (1-2 layers x {micro_text} of {rows} "
+                      f"rows), extrapolated to {layers} layers x {k} microbatches",
                loops_left=loops, compile_seconds=round(seconds, 1),
                points={f"{n}x{m}": v for (n, m), v in points.items()})
     return out

@@ -230,26 +230,34 @@ class Trainer:
     def _train_step(self, state: TrainState, batch, rng):
         rng = jax.random.fold_in(rng, state.step)
         trained, frozen = self.split(state.params)
-        grad_fn = jax.value_and_grad(
-            lambda p, mb, r: self.loss_sums(self.combine(p, frozen), mb, r, True), has_aux=True)
-        micro = self._split_microbatches(batch)
+        # The loss is the masked token mean over the whole batch; its token count is known
+        # before the forward pass, so each microbatch's gradient comes out already divided
+        # by it (the division rides on the loss's cotangent instead of a pass over the
+        # gradients).
+        count = jnp.maximum(jnp.sum(batch["loss_mask"].astype(jnp.float32)), 1.0)
 
-        def accumulate(carry, xs):
-            grads, loss_sum, count = carry
-            mb, i = xs
-            mb = {key: jax.lax.with_sharding_constraint(v, self.batch_sharding())
-                  for key, v in mb.items()}
-            (loss, n), g = grad_fn(trained, mb, jax.random.fold_in(rng, i))
-            grads = jax.tree_util.tree_map(jnp.add, grads, g)
-            return (grads, loss_sum + loss, count + n), None
+        def scaled(p, mb, r):
+            loss, n = self.loss_sums(self.combine(p, frozen), mb, r, True)
+            return loss / count, n
 
-        zeros = jax.tree_util.tree_map(jnp.zeros_like, trained)
-        (grads, loss_sum, count), _ = jax.lax.scan(
-            accumulate, (zeros, jnp.zeros(()), jnp.zeros(())),
-            (micro, jnp.arange(self.microbatches)), unroll=self.unroll_microbatches)
-        count = jnp.maximum(count, 1.0)
-        grads = jax.tree_util.tree_map(lambda g: g / count, grads)
-        loss = loss_sum / count
+        grad_fn = jax.value_and_grad(scaled, has_aux=True)
+        if self.microbatches == 1:  # no accumulator to zero and add into
+            (loss, _), grads = grad_fn(trained, batch, jax.random.fold_in(rng, 0))
+        else:
+            micro = self._split_microbatches(batch)
+
+            def accumulate(carry, xs):
+                grads, loss = carry
+                mb, i = xs
+                mb = {key: jax.lax.with_sharding_constraint(v, self.batch_sharding())
+                      for key, v in mb.items()}
+                (part, _), g = grad_fn(trained, mb, jax.random.fold_in(rng, i))
+                return (jax.tree_util.tree_map(jnp.add, grads, g), loss + part), None
+
+            zeros = jax.tree_util.tree_map(jnp.zeros_like, trained)
+            (grads, loss), _ = jax.lax.scan(
+                accumulate, (zeros, jnp.zeros(())), (micro, jnp.arange(self.microbatches)),
+                unroll=self.unroll_microbatches)
         new_state, grad_norm = self.guarded_update(state, grads, loss)
         metrics = {"loss": loss, "grad_norm": grad_norm,
                    "learning_rate": learning_rate_schedule(self.optimizer_config)(state.step),
