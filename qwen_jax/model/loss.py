@@ -74,13 +74,26 @@ def _backward_dots(h, d2, k, dtype_h, cpu_layout, precision):
     return dh, dot32(ht, d2, 0, precision)
 
 
+def _logsumexp(logits):
+    """log(sum(exp(logits))) over the last axis. On CPU the sum of the exponentials is a
+    product with a ones vector: XLA CPU then runs the exp as a vectorised loop and the sum
+    as a matrix-vector kernel, about twice as fast here as its fused exp-and-reduce over a
+    [tokens, vocab] block. The values are those of the reduction (float32 throughout)."""
+    if layers.target_platform() != "cpu":
+        return jax.nn.logsumexp(logits, axis=-1)
+    top = jnp.max(logits, axis=-1, keepdims=True)
+    ones = jnp.ones((logits.shape[-1],), jnp.float32)
+    total = jnp.dot(jnp.exp(logits - top), ones, precision=jax.lax.Precision.HIGHEST)
+    return jnp.log(total) + top[..., 0]
+
+
 def _forward(static, hidden, kernel, targets):
     length, dtype, z_loss, eps, precision = static
 
     def one(_, xs):
         h, y = xs
         logits = _logits(h, kernel, dtype, precision)
-        logz = jax.nn.logsumexp(logits, axis=-1)
+        logz = _logsumexp(logits)
         target = jnp.take_along_axis(logits, y[..., None], axis=-1)[..., 0]
         loss = logz - target
         if eps:
