@@ -62,6 +62,10 @@ def initialize_distributed(coordinator_address: str | None = None,
 
 
 THREADS_PER_CPU_DEVICE = 4
+# XLA CPU's limits on how long a device waits in a cross-process collective: warn after,
+# abort the run after (a user's own XLA_FLAGS settings win).
+COLLECTIVE_WAIT_SECONDS = {"xla_cpu_collective_call_warn_stuck_timeout_seconds": 120,
+                           "xla_cpu_collective_call_terminate_timeout_seconds": 1800}
 
 
 def _cpu_collective_threads() -> None:
@@ -75,11 +79,21 @@ def _cpu_collective_threads() -> None:
     one device's collective waits for a thread while its partners wait for it: both
     processes hang with idle CPUs. PPO's update (two models, many independent collectives)
     hung in about 1 of 3 two-process launches on a 2-core machine; none of 13 did with the
-    larger pool. A user's own NPROC is kept."""
+    larger pool. A user's own NPROC is kept. The collectives also get longer waits before
+    XLA warns and aborts (COLLECTIVE_WAIT_SECONDS): under load, XLA's default limits aborted
+    a two-process PPO job of the full test suite in a collective it had waited on."""
     platforms = os.environ.get("JAX_PLATFORMS") or jax.config.jax_platforms or ""
-    if platforms.split(",")[0].strip() != "cpu" or os.environ.get("NPROC"):
+    if platforms.split(",")[0].strip() != "cpu":
         return
-    found = re.search(r"--xla_force_host_platform_device_count=(\d+)",
-                      os.environ.get("XLA_FLAGS", ""))
+    flags = os.environ.get("XLA_FLAGS", "")
+    # A process whose partner is still compiling (or shares busy cores) can wait on a
+    # collective for minutes; XLA's default limits are far shorter.
+    for flag, seconds in COLLECTIVE_WAIT_SECONDS.items():
+        if f"--{flag}=" not in flags:
+            flags = f"{flags} --{flag}={seconds}".strip()
+    os.environ["XLA_FLAGS"] = flags
+    if os.environ.get("NPROC"):
+        return
+    found = re.search(r"--xla_force_host_platform_device_count=(\d+)", flags)
     devices = int(found.group(1)) if found else max(1, jax.config.jax_num_cpu_devices)
     os.environ["NPROC"] = str(max(os.cpu_count() or 1, THREADS_PER_CPU_DEVICE * devices))
