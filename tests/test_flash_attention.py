@@ -4,6 +4,11 @@ Numerics run both kernels (TPU/Mosaic and GPU/Triton) interpreted on CPU with sm
 that every case spans several tiles, partial tiles and skipped tiles. The compile tests build
 the real TPU kernels for v5e/v5p/v6e topologies with libtpu (VMEM and (8, 128) layout errors
 surface there exactly as on hardware) and lower the GPU kernels to Triton IR.
+
+On a GPU, `QWEN_JAX_TEST_GPU_COMPILED=1 JAX_PLATFORMS=cuda pytest tests/test_flash_attention.py`
+(bench/gpu_check.sh does this) runs the same numerics with the GPU kernels compiled by Triton
+instead of interpreted; the TPU tests and those that need 8 devices are skipped there. Without
+the variable nothing changes.
 """
 
 import functools
@@ -30,7 +35,29 @@ from qwen_jax.parallel import sharding
 os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 
 BLOCKS = BlockSizes(32, 64, 64, 32)  # differing fwd/bwd tiles: padding must agree across them
-BACKENDS = ("tpu", "gpu")
+
+
+def _compiled_gpu() -> bool:
+    if os.environ.get("QWEN_JAX_TEST_GPU_COMPILED", "") in ("", "0"):
+        return False
+    if jax.default_backend() != "gpu":
+        raise RuntimeError("QWEN_JAX_TEST_GPU_COMPILED=1 needs a GPU backend (JAX_PLATFORMS=cuda; "
+                           f"this process has {jax.default_backend()!r})")
+    return True
+
+
+# True: the GPU kernels run compiled (Triton) on this GPU; False: everything is interpreted.
+COMPILED_GPU = _compiled_gpu()
+tpu_only = pytest.mark.skipif(COMPILED_GPU, reason="compiled-GPU run: the TPU kernels are "
+                              "checked interpreted on CPU and compiled with libtpu")
+needs_8_devices = pytest.mark.skipif(COMPILED_GPU and jax.device_count() < 8,
+                                     reason="compiled-GPU run: needs an 8-device mesh")
+BACKENDS = (pytest.param("tpu", marks=tpu_only), "gpu")
+
+
+def interpret(backend: str) -> bool:
+    """Whether the kernel of `backend` runs interpreted in this test run."""
+    return not (COMPILED_GPU and backend == "gpu")
 
 
 def inputs(seed, batch, q_len, kv_len, heads, dim, dtype=jnp.float32, segments=False,
@@ -62,7 +89,8 @@ def compare(backend, *, q_len, kv_len, causal=True, window=0, segments=False, q_
               q_offset=q_offset)
     kernel = jax.jit(functools.partial(
         value_and_grads, lambda q, k, v: flash_attention(
-            q, k, v, backend=backend, block_sizes=blocks, interpret=True, **kw)))
+            q, k, v, backend=backend, block_sizes=blocks, interpret=interpret(backend),
+            **kw)))
     got = kernel(q, k, v, d_out)
     want = value_and_grads(lambda q, k, v: xla_attention(q, k, v, **kw), q, k, v, d_out)
     for name, a, b in zip(("out", "dq", "dk", "dv"), got, want):
@@ -83,6 +111,7 @@ CASES = {  # q_len, kv_len and masking; 96 is a multiple of every block, the oth
 }
 
 
+@tpu_only
 @pytest.mark.parametrize("case", CASES)
 def test_tpu_kernel_float32(case):
     compare("tpu", **CASES[case])
@@ -105,7 +134,7 @@ def test_traced_window_and_offset_share_one_compilation(backend):
     q, k, v, _, _, _ = inputs(0, 1, 16, 96, 2, 64)
     fn = jax.jit(lambda w, o: flash_attention(q, k, v, window=w, q_offset=o, backend=backend,
                                               block_sizes=BlockSizes(16, 32, 16, 32),
-                                              interpret=True))
+                                              interpret=interpret(backend)))
     for window, offset in [(0, 80), (7, 80), (40, 3), (1, 50)]:
         want = xla_attention(q, k, v, window=window, q_offset=offset)
         np.testing.assert_allclose(np.asarray(fn(window, offset)), np.asarray(want), atol=2e-5)
@@ -117,9 +146,10 @@ def test_rows_that_see_nothing_are_zero_with_finite_grads():
     q, k, v, d_out, _, _ = inputs(1, 1, 64, 64, 1, 64)
     q_seg = jnp.asarray([[1] * 32 + [2] * 32], jnp.int32)
     kv_seg = jnp.asarray([[1] * 64], jnp.int32)
+    backend = "gpu" if COMPILED_GPU else "tpu"
     fn = lambda q, k, v: flash_attention(q, k, v, causal=False, q_segment_ids=q_seg,  # noqa
                                          kv_segment_ids=kv_seg, block_sizes=BLOCKS,
-                                         interpret=True)
+                                         backend=backend, interpret=interpret(backend))
     out, dq, dk, dv = value_and_grads(fn, q, k, v, d_out)
     np.testing.assert_array_equal(np.asarray(out[:, 32:]), 0.0)
     want = xla_attention(q[:, :32], k, v, causal=False)
@@ -128,6 +158,7 @@ def test_rows_that_see_nothing_are_zero_with_finite_grads():
     np.testing.assert_array_equal(np.asarray(dq[:, 32:]), 0.0)
 
 
+@needs_8_devices
 def test_dispatch_runs_under_shard_map_on_a_mesh():
     """impl='pallas' with a mesh in context: batch over (data, fsdp), heads over tensor."""
     assert resolve_impl("pallas") == "pallas"
@@ -181,6 +212,7 @@ def test_model_forward_and_gradient_pallas_equals_xla(params):
                                    err_msg=jax.tree_util.keystr(path))
 
 
+@needs_8_devices
 def test_sharded_model_and_cached_chunks_pallas_equal_xla(params):
     """The kernel under shard_map inside nn.scan (FSDP x tensor mesh), and cached prefill chunks
     and single-token decoding (q_len != kv_len at a traced offset)."""
@@ -227,6 +259,7 @@ def _kernel_names(compiled) -> set[str]:
     return {n for n in ("flash_fwd_tpu", "flash_dq_tpu", "flash_dkdv_tpu") if n in text}
 
 
+@tpu_only
 @pytest.mark.parametrize("generation", TOPOLOGIES)
 def test_tpu_kernels_compile_single_chip(generation):
     """Forward + backward at bf16, head_dim 128, seq 8192 with a traced window, one chip."""
@@ -242,6 +275,7 @@ def test_tpu_kernels_compile_single_chip(generation):
     assert _kernel_names(compiled) == {"flash_fwd_tpu", "flash_dq_tpu", "flash_dkdv_tpu"}
 
 
+@tpu_only
 @pytest.mark.parametrize("generation", TOPOLOGIES)
 def test_tpu_kernels_compile_under_shard_map(generation):
     """The model's path: a (data, fsdp, tensor) mesh over 4 chips, segment ids, traced window;
@@ -269,10 +303,13 @@ def test_tpu_kernels_compile_under_shard_map(generation):
     assert _kernel_names(compiled_chunk) == _kernel_names(compiled_token) == {"flash_fwd_tpu"}
 
 
-def test_gpu_kernels_lower_to_triton():
-    """Forward + backward lower to Triton IR (block shapes, ops) for a CUDA target."""
-    x = jax.ShapeDtypeStruct((2, 1100, 4, 128), jnp.bfloat16)  # padded to 1152, not a power of 2
-    seg = jax.ShapeDtypeStruct((2, 1100), jnp.int32)
+@pytest.mark.parametrize("seq", [1100, 40])
+def test_gpu_kernels_lower_to_triton(seq):
+    """Forward + backward lower to Triton IR (block shapes, ops) for a CUDA target. 1100 pads
+    to 1152, not a power of 2; at 40 the default tiles shrink, to 64 (Triton's tiles are
+    powers of 2)."""
+    x = jax.ShapeDtypeStruct((2, seq, 4, 128), jnp.bfloat16)
+    seg = jax.ShapeDtypeStruct((2, seq), jnp.int32)
     window = jax.ShapeDtypeStruct((), jnp.int32)
     fn = jax.jit(lambda q, k, v, s, w: _grad_of_attention(q, k, v, s, w, backend="gpu"))
     text = fn.trace(x, x, x, seg, window).lower(lowering_platforms=("cuda",)).as_text()

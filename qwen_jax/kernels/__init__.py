@@ -33,7 +33,8 @@ def flash_attention(q, k, v, *, causal: bool = True, window=None, q_segment_ids=
     else:
         default = flash_attention_gpu.default_block_sizes()
     if block_sizes is None:
-        block_sizes = default.fit(q_len, kv_len, _MIN_BLOCK[backend])
+        block_sizes = default.fit(q_len, kv_len, _MIN_BLOCK[backend],
+                                  power_of_two=backend == "gpu")
     spec = common.Spec(causal=bool(causal), q_len=q_len, kv_len=kv_len,
                        scale=float(head_dim ** -0.5 if scale is None else scale),
                        has_segments=q_segment_ids is not None, blocks=block_sizes,

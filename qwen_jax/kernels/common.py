@@ -29,10 +29,15 @@ class BlockSizes:
     block_q_bwd: int
     block_k_bwd: int
 
-    def fit(self, q_len: int, kv_len: int, minimum: int) -> "BlockSizes":
-        """Shrink blocks to the (padded) sequence so short calls do not pad to a full block."""
+    def fit(self, q_len: int, kv_len: int, minimum: int,
+            power_of_two: bool = False) -> "BlockSizes":
+        """Shrink blocks to the (padded) sequence so short calls do not pad to a full block.
+        `power_of_two`: shrink only to powers of two (Triton needs every tile shape to be one;
+        the default blocks are)."""
         q_cap = max(minimum, _round_up(q_len, minimum))
         k_cap = max(minimum, _round_up(kv_len, minimum))
+        if power_of_two:
+            q_cap, k_cap = _next_power_of_two(q_cap), _next_power_of_two(k_cap)
         return BlockSizes(min(self.block_q, q_cap), min(self.block_k, k_cap),
                           min(self.block_q_bwd, q_cap), min(self.block_k_bwd, k_cap))
 
@@ -60,6 +65,10 @@ class Spec:
 
 def _round_up(x: int, m: int) -> int:
     return -(-x // m) * m
+
+
+def _next_power_of_two(x: int) -> int:
+    return 1 << max(0, x - 1).bit_length()
 
 
 def idiv(a, b: int):
