@@ -5,11 +5,13 @@
 
 TFLOP/s count 4*B*N*Tq*Tk*D for the forward (halved when causal) and 2.5x that again for the
 backward. A row that runs out of memory or fails prints the error class instead of a number.
+`--json PATH` also writes the rows there (bench/gpu_check.sh reads them).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import sys
 import time
@@ -45,6 +47,7 @@ def timed(fn, args, iters: int) -> float:
 def run(args):
     backend = jax.default_backend()
     dtype = jnp.dtype(args.dtype)
+    rows = []
     print(f"backend={backend} device={jax.devices()[0].device_kind} dtype={dtype.name} "
           f"heads={args.heads} head_dim={args.head_dim} causal={args.causal} "
           f"tokens/batch={args.tokens}")
@@ -64,13 +67,23 @@ def run(args):
                 lambda q, k, v, fn=fn: jnp.sum(fn(q, k, v, args.causal).astype(jnp.float32)),
                 argnums=(0, 1, 2)))
             cells = []
-            for f, work in ((fwd, flops), (grad, 3.5 * flops)):
+            row = {"impl": name, "seq": seq, "batch": batch}
+            for part, f, work in (("fwd", fwd, flops), ("fwd_bwd", grad, 3.5 * flops)):
                 try:
                     sec = timed(f, (q, k, v), args.iters)
                     cells.append(f"{sec * 1e3:>10.2f}{work / sec / 1e12:>10.3f}")
+                    row[f"{part}_ms"], row[f"{part}_tflops"] = sec * 1e3, work / sec / 1e12
                 except Exception as err:  # OOM at 32k for the reference, no cuDNN, ...
                     cells.append(f"{type(err).__name__[:18]:>20}")
+                    row[f"{part}_error"] = f"{type(err).__name__}: {str(err)[:300]}"
+            rows.append(row)
             print(f"{name:<22}{seq:>7}{batch:>6}{cells[0]}  {cells[1]}", flush=True)
+            if args.json:  # after every row: a run cut short by a timeout keeps its rows
+                Path(args.json).write_text(json.dumps(
+                    {"backend": backend, "device": jax.devices()[0].device_kind,
+                     "dtype": dtype.name, "heads": args.heads, "head_dim": args.head_dim,
+                     "causal": args.causal, "tokens": args.tokens, "iters": args.iters,
+                     "rows": rows}, indent=1))
 
 
 def main(argv=None):
@@ -88,6 +101,7 @@ def main(argv=None):
     parser.add_argument("--iters", type=int, default=2 if on_cpu else 10)
     parser.add_argument("--impls", default="pallas,jax.nn.dpa,xla_reference",
                         type=lambda s: s.split(","))
+    parser.add_argument("--json", default="", help="also write the rows to this JSON file")
     run(parser.parse_args(argv))
 
 
