@@ -82,3 +82,19 @@ def test_never_materialises_the_logits():
     text = step.lower(hidden, kernel).compile().as_text()
     assert f"[{b},{t},{v}]" not in text and f"[{b * t},{v}]" not in text
     assert f"[{b},64,{v}]" in text or f"[128,{v}]" in text
+
+
+@pytest.mark.parametrize("chunk_tokens, dots", [(4096, 3), (128, 4)])
+def test_one_chunk_on_cpu_reuses_the_forward_logits(chunk_tokens, dots):
+    """One chunk on CPU: the backward pass takes the forward's logits (3 vocabulary-wide
+    matmuls: logits, dh, dkernel); several chunks make each chunk's logits again (4)."""
+    b, t, h, v = 2, 512, 16, 4099
+    hidden = jnp.zeros((b, t, h), jnp.float32)
+    kernel = jnp.zeros((h, v), jnp.float32)
+    targets = jnp.zeros((b, t), jnp.int32)
+    step = jax.jit(jax.grad(lambda hh, k: jnp.sum(fused_cross_entropy(
+        hh, k, targets, chunk_tokens=chunk_tokens)), (0, 1)))
+    text = step.lower(hidden, kernel).as_text()
+    found = [line for line in text.splitlines()  # (the log-partition's sum is a matvec)
+             if "dot_general" in line and str(v) in line and f"tensor<{v}xf32>" not in line]
+    assert len(found) == dots, found

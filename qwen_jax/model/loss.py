@@ -40,7 +40,11 @@ def fused_cross_entropy(hidden, kernel, targets, *, dtype=jnp.float32, chunk_tok
     if pad:
         hidden = jnp.pad(hidden, ((0, 0), (0, pad), (0, 0)))
         targets = jnp.pad(targets, ((0, 0), (0, pad)))
-    static = (length, jnp.dtype(dtype), float(z_loss), float(label_smoothing), precision)
+    # One chunk on CPU: the backward pass reuses the forward's logits instead of making them
+    # again (one lm_head matmul fewer; the memory is the same one chunk's logits, held from
+    # the forward to the backward pass). Elsewhere memory comes first: they are recomputed.
+    keep = (t + pad) == length and layers.target_platform() == "cpu"
+    static = (length, jnp.dtype(dtype), float(z_loss), float(label_smoothing), precision, keep)
     loss = _fused(static, hidden.astype(dtype), kernel, targets.astype(jnp.int32))
     return loss[:, :t]
 
@@ -87,23 +91,32 @@ def _logsumexp(logits):
     return jnp.log(total) + top[..., 0]
 
 
+def _chunk_loss(static, h, y, kernel):
+    """One chunk's (loss, logz, logits)."""
+    _, dtype, z_loss, eps, precision, _ = static
+    logits = _logits(h, kernel, dtype, precision)
+    logz = _logsumexp(logits)
+    target = jnp.take_along_axis(logits, y[..., None], axis=-1)[..., 0]
+    loss = logz - target
+    if eps:
+        loss = (1 - eps) * loss + eps * (logz - jnp.mean(logits, axis=-1))
+    if z_loss:
+        loss = loss + z_loss * jnp.square(logz)
+    return loss, logz, logits
+
+
 def _forward(static, hidden, kernel, targets):
-    length, dtype, z_loss, eps, precision = static
+    """(loss, logz, the logits when there is one chunk)."""
+    length = static[0]
+    if hidden.shape[1] == length:  # one chunk: no loop
+        return _chunk_loss(static, hidden, targets, kernel)
 
     def one(_, xs):
-        h, y = xs
-        logits = _logits(h, kernel, dtype, precision)
-        logz = _logsumexp(logits)
-        target = jnp.take_along_axis(logits, y[..., None], axis=-1)[..., 0]
-        loss = logz - target
-        if eps:
-            loss = (1 - eps) * loss + eps * (logz - jnp.mean(logits, axis=-1))
-        if z_loss:
-            loss = loss + z_loss * jnp.square(logz)
+        loss, logz, _ = _chunk_loss(static, *xs, kernel)
         return None, (loss, logz)
 
     _, (loss, logz) = jax.lax.scan(one, None, (_chunks(hidden, length), _chunks(targets, length)))
-    return _unchunk(loss), _unchunk(logz)
+    return _unchunk(loss), _unchunk(logz), None
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
@@ -112,36 +125,48 @@ def _fused(static, hidden, kernel, targets):
 
 
 def _fused_fwd(static, hidden, kernel, targets):
-    loss, logz = _forward(static, hidden, kernel, targets)
-    return loss, (hidden, kernel, targets, logz)
+    loss, logz, logits = _forward(static, hidden, kernel, targets)
+    keep = static[-1]
+    return loss, (hidden, kernel, targets, logz, logits if keep else None)
+
+
+def _chunk_grads(static, h, y, lz, gc, kernel, k, logits=None):
+    """One chunk's (dh, float32 kernel gradient); `k`: the kernel in the compute dtype. The
+    chunk's logits are made again unless given."""
+    _, dtype, z_loss, eps, precision, _ = static
+    vocab = kernel.shape[-1]
+    b, c, _ = h.shape
+    if logits is None:
+        logits = _logits(h, kernel, dtype, precision)
+    p = jnp.exp(logits - lz[..., None])
+    scale = 1.0 + 2.0 * z_loss * lz if z_loss else 1.0
+    dlogits = p * (scale * gc)[..., None] if z_loss else p * gc[..., None]
+    onehot = jax.nn.one_hot(y, vocab, dtype=jnp.float32)
+    dlogits = dlogits - ((1.0 - eps) * gc)[..., None] * onehot
+    if eps:
+        dlogits = dlogits - (eps / vocab) * gc[..., None]
+    d2 = dlogits.astype(dtype).reshape(b * c, vocab)
+    return _backward_dots(h, d2, k, h.dtype,
+                          layers.accumulate_in_f32(dtype), precision)
 
 
 def _fused_bwd(static, residuals, g):
-    length, dtype, z_loss, eps, precision = static
-    hidden, kernel, targets, logz = residuals
-    vocab = kernel.shape[-1]
-    k = kernel.astype(dtype)
-    cpu_layout = layers.accumulate_in_f32(dtype)
+    length = static[0]
+    hidden, kernel, targets, logz, logits = residuals
+    g = g.astype(jnp.float32)
+    k = kernel.astype(static[1])
+    if hidden.shape[1] == length:  # one chunk: no loop, no zeroed accumulator
+        dh, dkernel = _chunk_grads(static, hidden, targets, logz, g, kernel, k, logits)
+        return dh, dkernel.astype(kernel.dtype), None
 
     def one(dkernel, xs):
-        h, y, lz, gc = xs
-        b, c, _ = h.shape
-        logits = _logits(h, kernel, dtype, precision)
-        p = jnp.exp(logits - lz[..., None])
-        scale = 1.0 + 2.0 * z_loss * lz if z_loss else 1.0
-        dlogits = p * (scale * gc)[..., None] if z_loss else p * gc[..., None]
-        onehot = jax.nn.one_hot(y, vocab, dtype=jnp.float32)
-        dlogits = dlogits - ((1.0 - eps) * gc)[..., None] * onehot
-        if eps:
-            dlogits = dlogits - (eps / vocab) * gc[..., None]
-        d2 = dlogits.astype(dtype).reshape(b * c, vocab)
-        dh, dk = _backward_dots(h, d2, k, hidden.dtype, cpu_layout, precision)
+        dh, dk = _chunk_grads(static, *xs, kernel, k)
         return dkernel + dk, dh
 
     dkernel, dh = jax.lax.scan(
         one, jnp.zeros(kernel.shape, jnp.float32),
         (_chunks(hidden, length), _chunks(targets, length), _chunks(logz, length),
-         _chunks(g.astype(jnp.float32), length)))
+         _chunks(g, length)))
     return _unchunk(dh), dkernel.astype(kernel.dtype), None
 
 
