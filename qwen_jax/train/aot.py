@@ -114,8 +114,9 @@ def topology_mesh(requested, sl: Slice) -> Mesh:
 
 
 # ------------------------------------------------------------------------- compiling
-def _memory(compiled) -> dict:
-    m = compiled.memory_analysis()
+def memory_summary(m) -> dict:
+    """Per-device bytes from a compiled program's `memory_analysis()`: its parts and the total
+    the program needs (arguments + outputs - aliased + temporaries + code)."""
     out = {"argument": m.argument_size_in_bytes, "output": m.output_size_in_bytes,
            "alias": m.alias_size_in_bytes, "temporary": m.temp_size_in_bytes,
            "code": m.generated_code_size_in_bytes}
@@ -153,7 +154,7 @@ def _compile(lowered, sl: Slice) -> dict:
     except Exception as e:  # the compiler's own verdict (RESOURCE_EXHAUSTED for HBM OOM)
         return {"fits": False, "error": str(e).strip(), "hbm_per_device": sl.hbm_per_device,
                 "compile_seconds": round(time.perf_counter() - t0, 1)}
-    memory = _memory(compiled)
+    memory = memory_summary(compiled.memory_analysis())
     result = {"compile_seconds": round(time.perf_counter() - t0, 1), "memory": memory,
               "hbm_per_device": sl.hbm_per_device, "xla_flops_per_device": _xla_flops(compiled),
               "collectives": count_collectives(compiled.as_text())}
@@ -179,11 +180,15 @@ def _lower_train(trainer, batch_size: int, seq_len: int, mesh: Mesh, sl: Slice):
         return trainer.jit_train_step().lower(trainer.abstract_state(), batch, rng)
 
 
-def compile_train(cfg, mesh: Mesh, sl: Slice) -> dict:
+def lower_train(cfg, mesh: Mesh, sl: Slice):
+    """cfg's whole training step, lowered for the slice from shape-only inputs."""
     trainer = train_build.build_trainer(cfg, mesh)
     trainer = dataclasses.replace(trainer, model_config=_tpu_model_config(trainer.model_config))
-    return _compile(_lower_train(trainer, cfg.global_batch_size, cfg.data.seq_len, mesh, sl),
-                    sl)
+    return _lower_train(trainer, cfg.global_batch_size, cfg.data.seq_len, mesh, sl)
+
+
+def compile_train(cfg, mesh: Mesh, sl: Slice) -> dict:
+    return _compile(lower_train(cfg, mesh, sl), sl)
 
 
 # XLA (TPU) turns an FSDP all-gather or reduce-scatter next to a matmul into a loop over the
@@ -192,6 +197,11 @@ def compile_train(cfg, mesh: Mesh, sl: Slice) -> dict:
 NO_WINDOWED_EINSUM = {"xla_tpu_enable_windowed_einsum_for_all_gather": False,
                       "xla_tpu_enable_windowed_einsum_for_reduce_scatter": False}
 _WHILE_RE = re.compile(r"\swhile\(")
+
+
+def count_loops(hlo_text: str) -> int:
+    """While loops in an HLO module."""
+    return len(_WHILE_RE.findall(hlo_text))
 
 
 def xla_cost(cfg, mesh: Mesh, sl: Slice) -> dict:
@@ -230,7 +240,7 @@ def xla_cost(cfg, mesh: Mesh, sl: Slice) -> dict:
                                     sl).compile(compiler_options=NO_WINDOWED_EINSUM)
             seconds += time.perf_counter() - t0
             points[n_layers, micro] = _cost(compiled)
-            loops = max(loops, len(_WHILE_RE.findall(compiled.as_text())))
+            loops = max(loops, count_loops(compiled.as_text()))
     out = {}
     for key in COST_KEYS.values():
         f = {(n, m - k0): v[key] for (n, m), v in points.items()}  # m - k0: 0 or 1
