@@ -1,6 +1,7 @@
 """Command lines run as the user runs them (train.py and the qwen_jax modules in a fresh
 process on the CPU), and what they leave: metrics.jsonl records and one-line errors."""
 
+import importlib.util
 import json
 import os
 import pathlib
@@ -34,3 +35,11 @@ def one_error_line(stderr):
     assert len(errors) == 1, stderr[-3000:]
     assert "Traceback" not in stderr, stderr[-3000:]
     return errors[0]
+
+
+def bench_module(name: str):
+    """bench/<name>.py imported as a module (bench/ is not a package)."""
+    spec = importlib.util.spec_from_file_location(name, ROOT / "bench" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

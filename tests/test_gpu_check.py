@@ -3,7 +3,6 @@ parts (the flash-attention tests, the attention benchmark, the training-step ben
 shapes with the Triton kernel interpreted; a part that fails does not stop the others; the GPU
 mode refuses a CPU backend; and the summary reads timeouts and the pallas / cuDNN ratio."""
 
-import importlib.util
 import json
 import os
 import pathlib
@@ -12,6 +11,7 @@ import subprocess
 import sys
 
 import pytest
+from runs import bench_module
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "bench" / "gpu_check.sh"
@@ -95,11 +95,7 @@ def test_unknown_argument_is_refused(tmp_path):
 
 @pytest.fixture(scope="module")
 def summary_module():
-    spec = importlib.util.spec_from_file_location("gpu_check_summary",
-                                                  ROOT / "bench" / "gpu_check_summary.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return bench_module("gpu_check_summary")
 
 
 def test_summary_reads_ratio_timeouts_and_errors(tmp_path, summary_module):
@@ -139,10 +135,7 @@ def test_train_step_cudnn_variant_swaps_the_attention_while_tracing(monkeypatch)
     from qwen_jax.train.optim import OptimizerConfig
     from qwen_jax.train.steps import Trainer
 
-    spec = importlib.util.spec_from_file_location("gpu_train_step",
-                                                  ROOT / "bench" / "gpu_train_step.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = bench_module("gpu_train_step")
     calls = []
     real = jax.nn.dot_product_attention
 

@@ -1,23 +1,19 @@
 """bench/maxtext_compare.py without MaxText: its extrapolation from the loop-free compiles,
 the model-FLOP count it prints beside them, and its refusal of a missing interpreter."""
 
-import importlib.util
 import pathlib
 import subprocess
 import sys
 
 import pytest
+from runs import bench_module
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
 def compare():
-    spec = importlib.util.spec_from_file_location("maxtext_compare",
-                                                  ROOT / "bench" / "maxtext_compare.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return bench_module("maxtext_compare")
 
 
 def test_extrapolation_is_exact_for_a_bilinear_cost(compare):
