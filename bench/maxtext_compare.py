@@ -44,7 +44,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import dataclasses
 import importlib.util
 import json
 import os
@@ -129,15 +128,8 @@ def ours(cfg, topology: str, *, layers: int | None = None, loop_free: bool = Fal
     sl = aot.topology(topology)
     mesh = aot.topology_mesh(tuple(cfg.mesh), sl)
     t0 = time.perf_counter()
-    if loop_free:
-        base = aot.train_build.build_trainer(cfg, mesh)
-        rows = cfg.global_batch_size
-        base = dataclasses.replace(
-            base, loss=dataclasses.replace(base.loss, chunk_tokens=rows * cfg.data.seq_len),
-            model_config=aot._tpu_model_config(base.model_config).replace(
-                scan_layers=False, num_hidden_layers=layers))
-        lowered = aot._lower_train(base, rows, cfg.data.seq_len, mesh, sl)
-        compiled = lowered.compile(compiler_options=aot.NO_WINDOWED_EINSUM)
+    if loop_free:  # one microbatch of the whole batch
+        compiled = aot.compile_loop_free(cfg, mesh, sl, layers, 1, cfg.global_batch_size)
     else:
         compiled = aot.lower_train(cfg, mesh, sl).compile()
     hlo = compiled.as_text()

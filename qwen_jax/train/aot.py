@@ -204,6 +204,20 @@ def count_loops(hlo_text: str) -> int:
     return len(_WHILE_RE.findall(hlo_text))
 
 
+def compile_loop_free(cfg, mesh: Mesh, sl: Slice, layers: int, microbatches: int, rows: int):
+    """cfg's training step compiled with no loops of its own: `layers` layers unrolled,
+    `microbatches` microbatches of `rows` sequences unrolled, the loss in one chunk per
+    microbatch, windowed einsums off (what `xla_cost` samples)."""
+    base = train_build.build_trainer(cfg, mesh)
+    trainer = dataclasses.replace(
+        base, loss=dataclasses.replace(base.loss, chunk_tokens=rows * cfg.data.seq_len),
+        model_config=_tpu_model_config(base.model_config).replace(
+            scan_layers=False, num_hidden_layers=layers),
+        microbatches=microbatches, unroll_microbatches=True)
+    return _lower_train(trainer, rows * microbatches, cfg.data.seq_len, mesh,
+                        sl).compile(compiler_options=NO_WINDOWED_EINSUM)
+
+
 def xla_cost(cfg, mesh: Mesh, sl: Slice) -> dict:
     """XLA's cost analysis of the whole training step, per device.
 
@@ -221,23 +235,15 @@ def xla_cost(cfg, mesh: Mesh, sl: Slice) -> dict:
     each chunk. `loops_left` counts the loops that remain in those programs anyway (0
     expected). `optimal_seconds` is None where XLA's sum is negative (it adds -1 for
     instructions it has no timing model for)."""
-    base = train_build.build_trainer(cfg, mesh)
-    layers, k = base.model_config.num_hidden_layers, cfg.microbatches
+    layers, k = train_build.model_config(cfg).num_hidden_layers, cfg.microbatches
     rows = cfg.global_batch_size // k
-    one_chunk = dataclasses.replace(base.loss, chunk_tokens=rows * cfg.data.seq_len)
-    base = dataclasses.replace(base, loss=one_chunk)
-    config = _tpu_model_config(base.model_config).replace(scan_layers=False)
     points, seconds, loops = {}, 0.0, 0
     k0 = 1 if k == 1 else 2  # the lower microbatch point
     micros = (1,) if k == 1 else (2, 3)
     for n_layers in (1, 2):
         for micro in micros:
-            trainer = dataclasses.replace(
-                base, model_config=config.replace(num_hidden_layers=n_layers),
-                microbatches=micro, unroll_microbatches=True)
             t0 = time.perf_counter()
-            compiled = _lower_train(trainer, rows * micro, cfg.data.seq_len, mesh,
-                                    sl).compile(compiler_options=NO_WINDOWED_EINSUM)
+            compiled = compile_loop_free(cfg, mesh, sl, n_layers, micro, rows)
             seconds += time.perf_counter() - t0
             points[n_layers, micro] = _cost(compiled)
             loops = max(loops, count_loops(compiled.as_text()))
