@@ -132,14 +132,14 @@ def _fused_fwd(static, hidden, kernel, targets):
     return loss, (hidden, kernel, targets, logz, logits if keep else None)
 
 
-def _chunk_grads(static, h, y, lz, gc, kernel, k, logits=None):
+def _chunk_grads(static, h, y, lz, gc, k, logits=None):
     """One chunk's (dh, float32 kernel gradient); `k`: the kernel in the compute dtype. The
     chunk's logits are made again unless given."""
     _, dtype, z_loss, eps, precision, _ = static
-    vocab = kernel.shape[-1]
+    vocab = k.shape[-1]
     b, c, _ = h.shape
     if logits is None:
-        logits = _logits(h, kernel, dtype, precision)
+        logits = _logits(h, k, dtype, precision)
     p = jnp.exp(logits - lz[..., None])
     scale = 1.0 + 2.0 * z_loss * lz if z_loss else 1.0
     dlogits = p * (scale * gc)[..., None] if z_loss else p * gc[..., None]
@@ -157,11 +157,11 @@ def _fused_bwd(static, residuals, g):
     g = g.astype(jnp.float32)
     k = kernel.astype(static[1])
     if hidden.shape[1] == length:  # one chunk: no loop, no zeroed accumulator
-        dh, dkernel = _chunk_grads(static, hidden, targets, logz, g, kernel, k, logits)
+        dh, dkernel = _chunk_grads(static, hidden, targets, logz, g, k, logits)
         return dh, dkernel.astype(kernel.dtype), None
 
     def one(dkernel, xs):
-        dh, dk = _chunk_grads(static, *xs, kernel, k)
+        dh, dk = _chunk_grads(static, *xs, k)
         return dkernel + dk, dh
 
     dkernel, dh = jax.lax.scan(
