@@ -86,8 +86,6 @@ def _cpu_collective_threads() -> None:
     if platforms.split(",")[0].strip() != "cpu":
         return
     flags = os.environ.get("XLA_FLAGS", "")
-    # A process whose partner is still compiling (or shares busy cores) can wait on a
-    # collective for minutes; XLA's default limits are far shorter.
     for flag, seconds in COLLECTIVE_WAIT_SECONDS.items():
         if f"--{flag}=" not in flags:
             flags = f"{flags} --{flag}={seconds}".strip()
