@@ -354,3 +354,62 @@ def test_cpu_bfloat16_training_runs_bf16_dots(monkeypatch):
     # the plain einsum (bf16 result, transposed dkernel operand) is upcast: the check can fail
     monkeypatch.setattr(layers, "accumulate_in_f32", lambda dtype: False)
     assert any("f32" in t for t in operand_types().values())
+
+
+def _rope_in_float32(x, cos, sin):
+    """The rotation as the original writes it: x upcast, then rotate_half and the products."""
+    rot, half = cos.shape[-1], cos.shape[-1] // 2
+    x32 = x.astype(jnp.float32)
+    x_rot, x_pass = x32[..., :rot], x32[..., rot:]
+    rotated = jnp.concatenate([-x_rot[..., half:], x_rot[..., :half]], axis=-1)
+    out = x_rot * cos[:, :, None, :] + rotated * sin[:, :, None, :]
+    return jnp.concatenate([out, x_pass], axis=-1).astype(x.dtype)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("rotary", [16, 8])
+def test_rope_values_and_gradients_are_the_float32_rotation(dtype, rotary):
+    """apply_rope equals the float32 rotation bit for bit, and so do the gradients of x, cos
+    and sin in bfloat16 (float32 ones to 1e-5); the backward is the rotation by -sin, which
+    relies on cos/sin repeating over the two halves. Whole and partial rotary dims."""
+    kx, kg = jax.random.split(jax.random.PRNGKey(3))
+    x = jax.random.normal(kx, (2, 7, 3, 16), dtype) * 4
+    inv_freq = 1.0 / (10000.0 ** (jnp.arange(0, rotary, 2) / rotary))[None]
+    cos, sin = layers.rope_cos_sin(jnp.arange(7)[None].repeat(2, 0) * 37, inv_freq)
+    g = jax.random.normal(kg, x.shape, dtype)
+
+    @functools.partial(jax.jit, static_argnums=0)
+    def value_and_grads(rope, x, cos, sin, g):
+        out, vjp = jax.vjp(rope, x, cos, sin)
+        return out, vjp(g)
+
+    got, got_grads = value_and_grads(layers.apply_rope, x, cos, sin, g)
+    want, want_grads = value_and_grads(_rope_in_float32, x, cos, sin, g)
+    assert got.dtype == x.dtype
+    np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(want, np.float32))
+    for a, b in zip(got_grads, want_grads):
+        assert a.dtype == b.dtype
+        if a.dtype == jnp.bfloat16:
+            np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32))
+        else:  # the same products and sums; XLA may contract them into FMAs differently
+            np.testing.assert_allclose(a, b, rtol=0, atol=1e-5)
+
+
+def test_rope_never_slices_or_negates_a_float32_copy():
+    """A bfloat16 rotation slices and negates in bfloat16 (exact there) and upcasts only for
+    its products, forward and backward: no float32 copy of q/k or of their halves exists for
+    XLA to store between fusions (on TPU those were a quarter of a layer's memory traffic)."""
+    x = jnp.ones((1, 4, 2, 8), jnp.bfloat16)
+    cos, sin = layers.rope_cos_sin(jnp.arange(4)[None], jnp.ones((1, 4)))
+    jaxpr = jax.make_jaxpr(lambda x: jax.vjp(lambda x: layers.apply_rope(x, cos, sin), x)[1](x))(x)
+
+    def eqns(jaxpr):
+        for eqn in jaxpr.eqns:
+            yield eqn
+            for sub in jax.core.jaxprs_in_params(eqn.params):
+                yield from eqns(sub)
+
+    moved = [(e.primitive.name, v.aval.dtype) for e in eqns(jaxpr.jaxpr)
+             if e.primitive.name in ("slice", "neg", "concatenate") for v in e.outvars
+             if v.aval.ndim == x.ndim]  # -sin, [B, T, R], is not a copy of q/k
+    assert moved and all(dtype == jnp.bfloat16 for _, dtype in moved), moved
