@@ -1,5 +1,7 @@
 """Sharding on 8 emulated CPU devices: same logits as one device; rules checked."""
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -83,3 +85,36 @@ def test_indivisible_dimension_is_reported():
     with pytest.raises(sharding.ShardingError, match=r"\['layers'\]\['attn'\]\['k'\]\['bias'\]"
                        r"|dimension 4 .* not divisible by the mesh size 8"):
         param_shardings(CFG, mesh)
+
+
+@pytest.mark.parametrize("shape", [(1, 4, 2), (2, 4, 1)])
+def test_embedding_lookup_and_gradient_stay_in_each_shards_columns(shape):
+    """Each fsdp shard looks up its own columns of the table for all its data group's
+    tokens, and its part of the table's gradient is a scatter-add into those columns: no
+    device materializes the whole table or a gradient of its full width (the table gathered
+    over fsdp gave a full float32 scatter-add and its all-reduce on every microbatch). The
+    gradient equals one device's."""
+    params = init_params(CFG, jax.random.PRNGKey(0))
+    ids = jax.random.randint(jax.random.PRNGKey(3), (8, 16), 0, 256)
+
+    def loss(p, t):
+        logits = Qwen(CFG).apply({"params": p}, t)[0]
+        return jnp.mean(jax.nn.logsumexp(logits, axis=-1))
+
+    want = jax.jit(jax.grad(loss))(params, ids)["embed"]["embedding"]
+    mesh = sharding.make_mesh(shape)
+    shardings = param_shardings(CFG, mesh)
+    batch = sharding.batch_sharding(mesh)
+    with sharding.activation_sharding(mesh):
+        fn = jax.jit(jax.grad(loss), in_shardings=(shardings, batch))
+        compiled = fn.lower(params, ids).compile()
+        got = fn(jax.device_put(params, shardings), jax.device_put(ids, batch))
+    np.testing.assert_allclose(np.asarray(got["embed"]["embedding"]), np.asarray(want),
+                               atol=1e-6, rtol=0)
+    hlo = compiled.as_text()
+    width = CFG.hidden_size
+    full = [line for line in hlo.splitlines()
+            if re.search(rf"\[\d+,{width}\]", line)
+            and re.search(r"(?<![\w-])(scatter|gather)\(", line)]
+    assert not full, full[:3]
+    assert "all-to-all" in hlo

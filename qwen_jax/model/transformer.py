@@ -137,8 +137,13 @@ def default_positions(segment_ids, offset=None):
 
 
 class Embed(nn.Module):
-    """Token embedding (untied from lm_head). The table is gathered over 'fsdp' before the
-    lookup so that the vocabulary-sharded gather partitions cleanly."""
+    """Token embedding (untied from lm_head), looked up where the table lies: each 'fsdp'
+    shard gathers its own columns of the table for all the tokens of its 'data' group (the
+    token ids are all-gathered, a few KB), and the result is resharded to the batch-sharded
+    activation (an all-to-all). The gradient comes back the same way and is a local
+    scatter-add into the shard's columns: no device holds the whole table or its gradient
+    (gathering the table over 'fsdp' instead costs a full float32 table of scatter-add
+    temporaries and its all-reduce on every microbatch)."""
 
     config: QwenConfig
 
@@ -148,8 +153,9 @@ class Embed(nn.Module):
         table = self.param("embedding",
                            nn.with_logical_partitioning(dense_init(cfg), ("vocab", "embed")),
                            (cfg.vocab_size, cfg.hidden_size), jnp_dtype(cfg.param_dtype))
-        table = nn.with_logical_constraint(table, ("vocab", None))
-        return jnp.take(table, tokens, axis=0).astype(jnp_dtype(cfg.dtype))
+        tokens = nn.with_logical_constraint(tokens, ("lookup_batch", "activation_length"))
+        x = jnp.take(table, tokens, axis=0).astype(jnp_dtype(cfg.dtype))
+        return nn.with_logical_constraint(x, ("lookup_batch", "activation_length", "embed"))
 
 
 class Qwen(nn.Module):

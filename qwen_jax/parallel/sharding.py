@@ -31,6 +31,7 @@ RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("norm", None),
     # activations
     ("activation_batch", BATCH_AXES),
+    ("lookup_batch", "data"),  # the embedding lookup's rows: every fsdp shard takes them all
     ("activation_length", None),
     ("activation_embed", None),
     ("activation_heads", "tensor"),
