@@ -398,7 +398,7 @@ def test_rope_values_and_gradients_are_the_float32_rotation(dtype, rotary):
 def test_rope_never_slices_or_negates_a_float32_copy():
     """A bfloat16 rotation slices and negates in bfloat16 (exact there) and upcasts only for
     its products, forward and backward: no float32 copy of q/k or of their halves exists for
-    XLA to store between fusions (on TPU those were a quarter of a layer's memory traffic)."""
+    XLA to store between fusions (on TPU those were a fifth of a layer's memory traffic)."""
     x = jnp.ones((1, 4, 2, 8), jnp.bfloat16)
     cos, sin = layers.rope_cos_sin(jnp.arange(4)[None], jnp.ones((1, 4)))
     jaxpr = jax.make_jaxpr(lambda x: jax.vjp(lambda x: layers.apply_rope(x, cos, sin), x)[1](x))(x)

@@ -57,7 +57,7 @@ def apply_rope(x, cos, sin):
 
     The rotation's arithmetic is float32 (x * cos + rotate_half(x) * sin), as in the original;
     its slicing and negation run in x's dtype, where they are exact, so no float32 copy of x
-    or of its halves is ever stored (on TPU they were separate fusions, a quarter of a layer's
+    or of its halves is ever stored (on TPU they were separate fusions, a fifth of a layer's
     memory traffic). The gradient is the same rotation by -sin (cos/sin repeat over the two
     halves, so rotate_half's transpose is minus itself), float32 inside, rounded once.
     """

@@ -139,11 +139,11 @@ def default_positions(segment_ids, offset=None):
 class Embed(nn.Module):
     """Token embedding (untied from lm_head), looked up where the table lies: each 'fsdp'
     shard gathers its own columns of the table for all the tokens of its 'data' group (the
-    token ids are all-gathered, a few KB), and the result is resharded to the batch-sharded
-    activation (an all-to-all). The gradient comes back the same way and is a local
-    scatter-add into the shard's columns: no device holds the whole table or its gradient
-    (gathering the table over 'fsdp' instead costs a full float32 table of scatter-add
-    temporaries and its all-reduce on every microbatch)."""
+    token ids, 4 bytes each, are all-gathered over 'fsdp'), and the result is resharded to
+    the batch-sharded activation (an all-to-all). The gradient comes back the same way and
+    is a local scatter-add into the shard's columns: no device holds the whole table or its
+    gradient (gathering the table over 'fsdp' instead costs a full float32 table of
+    scatter-add temporaries and its all-reduce on every microbatch)."""
 
     config: QwenConfig
 
