@@ -4,6 +4,7 @@ import functools
 import re
 
 import jax
+import jax.extend.core
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -406,7 +407,7 @@ def test_rope_never_slices_or_negates_a_float32_copy():
     def eqns(jaxpr):
         for eqn in jaxpr.eqns:
             yield eqn
-            for sub in jax.core.jaxprs_in_params(eqn.params):
+            for sub in jax.extend.core.jaxprs_in_params(eqn.params):
                 yield from eqns(sub)
 
     moved = [(e.primitive.name, v.aval.dtype) for e in eqns(jaxpr.jaxpr)
