@@ -59,6 +59,8 @@ def initialize_distributed(coordinator_address: str | None = None,
             return  # a single-host TPU VM
         _cpu_collective_threads()
         jax.distributed.initialize()
+        return
+    _cpu_collective_threads(single_process=True)
 
 
 THREADS_PER_CPU_DEVICE = 4
@@ -68,30 +70,38 @@ COLLECTIVE_WAIT_SECONDS = {"xla_cpu_collective_call_warn_stuck_timeout_seconds":
                            "xla_cpu_collective_call_terminate_timeout_seconds": 1800}
 
 
-def _cpu_collective_threads() -> None:
-    """Several processes on the CPU platform: give XLA's CPU thread pool at least
+def _cpu_collective_threads(single_process: bool = False) -> None:
+    """Several CPU devices in a run: give XLA's CPU thread pool at least
     THREADS_PER_CPU_DEVICE threads per local device (the `NPROC` variable XLA reads when it
     creates the CPU client; by default the pool has one thread per core).
 
-    XLA runs the cross-process (gloo) collectives of a CPU program as blocking calls on that
-    pool, and starts a device's next collective once the previous one has started, not
-    finished. With fewer threads than the collectives the local devices can have in flight,
-    one device's collective waits for a thread while its partners wait for it: both
-    processes hang with idle CPUs. PPO's update (two models, many independent collectives)
-    hung in about 1 of 3 two-process launches on a 2-core machine; none of 13 did with the
-    larger pool. A user's own NPROC is kept. The collectives also get longer waits before
-    XLA warns and aborts (COLLECTIVE_WAIT_SECONDS): under load, XLA's default limits aborted
-    a two-process PPO job of the full test suite in a collective it had waited on."""
+    XLA runs a CPU program's collectives, the cross-process (gloo) ones and those between a
+    process's own devices alike, as blocking waits on that pool, and a device may start
+    another collective that does not depend on the first while the first still waits. Devices
+    that reach two independent collectives in different orders then each hold a thread in
+    one, waiting for partners that need a free thread to reach it: with fewer threads than
+    that, the run hangs with idle CPUs. PPO's update (two models, many independent
+    collectives) hung in about 1 of 3 two-process launches on a 2-core machine; none of 13
+    did with the larger pool. One process with 8 CPU devices hung the same way (device 1
+    waiting in an all-gather with device 3, device 3 with the 6 others in a collective
+    permute), in 3 of 4 launches, and XLA aborts such a wait between a process's own devices
+    after 40 s; 3 of 3 finished with the larger pool. A user's own NPROC is kept, and a
+    single process with one device is left alone (it has no collectives). Cross-process
+    collectives also get longer waits before XLA warns and aborts (COLLECTIVE_WAIT_SECONDS):
+    under load, XLA's default limits aborted a two-process PPO job of the full test suite in
+    a collective it had waited on."""
     platforms = os.environ.get("JAX_PLATFORMS") or jax.config.jax_platforms or ""
     if platforms.split(",")[0].strip() != "cpu":
         return
     flags = os.environ.get("XLA_FLAGS", "")
+    found = re.search(r"--xla_force_host_platform_device_count=(\d+)", flags)
+    devices = int(found.group(1)) if found else max(1, jax.config.jax_num_cpu_devices)
+    if single_process and devices == 1:
+        return
     for flag, seconds in COLLECTIVE_WAIT_SECONDS.items():
         if f"--{flag}=" not in flags:
             flags = f"{flags} --{flag}={seconds}".strip()
     os.environ["XLA_FLAGS"] = flags
     if os.environ.get("NPROC"):
         return
-    found = re.search(r"--xla_force_host_platform_device_count=(\d+)", flags)
-    devices = int(found.group(1)) if found else max(1, jax.config.jax_num_cpu_devices)
     os.environ["NPROC"] = str(max(os.cpu_count() or 1, THREADS_PER_CPU_DEVICE * devices))
