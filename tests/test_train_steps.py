@@ -11,7 +11,7 @@ from qwen_jax.model.config import QwenConfig, preset
 from qwen_jax.parallel import sharding
 from qwen_jax.train import flops
 from qwen_jax.train.optim import OptimizerConfig, learning_rate_schedule, make_optimizer
-from qwen_jax.train.steps import Trainer
+from qwen_jax.train.steps import Trainer, checked_update
 
 CFG = QwenConfig(hidden_size=64, num_attention_heads=4, kv_channels=16, num_hidden_layers=2,
                  intermediate_size=256, seq_length=32, vocab_size=256, initializer_range=0.1,
@@ -137,6 +137,11 @@ def test_optimizer_config_errors():
         make_optimizer(dataclasses.replace(OPT, warmup_steps=-1))
     with pytest.raises(ValueError, match="peak_learning_rate=0"):
         make_optimizer(dataclasses.replace(OPT, peak_learning_rate=0))
+    # AdamW's update is finite whenever the gradients are only with these in range, which
+    # is what lets a step skip the update's norm (steps.checked_update).
+    for bad in (dict(eps=0.0), dict(b1=1.0), dict(b2=1.0), dict(b2=-0.1)):
+        with pytest.raises(ValueError, match=r"b1=.*b2=.*eps=.*expected b1 and b2 in \[0, 1\)"):
+            make_optimizer(dataclasses.replace(OPT, **bad))
     # A run shorter than its warmup just ramps up (a quick demo run).
     lr = learning_rate_schedule(dataclasses.replace(OPT, warmup_steps=20, total_steps=6))
     np.testing.assert_allclose(float(lr(5)), OPT.peak_learning_rate * 5 / 20, rtol=1e-6)
@@ -200,3 +205,21 @@ def test_fused_loss_step_equals_the_plain_one(microbatches):
     np.testing.assert_allclose(fused[3], plain[3], rtol=1e-6)
     jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5), fused[0],
                            plain[0])
+
+
+def test_checked_update_flags_a_non_finite_gradient_and_norms_in_float32():
+    """The gradient's norm decides: one infinite or NaN entry of a bfloat16 gradient makes the
+    update not finite; a finite bfloat16 gradient's norm is the float32 norm, not one
+    rounded to bfloat16."""
+    tx = make_optimizer(OPT)
+    params = {"a": jnp.ones((3, 4), jnp.bfloat16), "b": jnp.zeros((5,), jnp.bfloat16)}
+    state = tx.init(params)
+    grads = {"a": jnp.full((3, 4), 0.3, jnp.bfloat16), "b": jnp.full((5,), 0.7, jnp.bfloat16)}
+    _, _, norm, finite = checked_update(tx, grads, state, params)
+    want = np.sqrt(12 * float(jnp.bfloat16(0.3)) ** 2 + 5 * float(jnp.bfloat16(0.7)) ** 2)
+    assert norm.dtype == jnp.float32 and bool(finite)
+    np.testing.assert_allclose(float(norm), want, rtol=1e-6)
+    for poison in (np.inf, np.nan):
+        bad = dict(grads, b=grads["b"].at[2].set(poison))
+        new, _, norm, finite = checked_update(tx, bad, state, params)
+        assert not bool(finite) and not np.isfinite(float(norm))

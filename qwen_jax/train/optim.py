@@ -29,6 +29,10 @@ class OptimizerConfig:
         if self.peak_learning_rate <= 0 or not 0 <= self.final_lr_fraction <= 1:
             raise ValueError(f"peak_learning_rate={self.peak_learning_rate}, final_lr_fraction="
                              f"{self.final_lr_fraction}: expected > 0 and in [0, 1]")
+        if not (0 <= self.b1 < 1 and 0 <= self.b2 < 1 and self.eps > 0):
+            raise ValueError(f"b1={self.b1}, b2={self.b2}, eps={self.eps}: expected b1 and b2 "
+                             "in [0, 1) and eps > 0 (AdamW's update is then finite whenever "
+                             "the gradients are)")
 
 
 def learning_rate_schedule(cfg: OptimizerConfig) -> optax.Schedule:

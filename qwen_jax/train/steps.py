@@ -5,8 +5,8 @@ A batch is a dict of [batch, seq] arrays: `inputs`, `targets`, `loss_mask`, and 
 `segment_ids` / `positions` (packed documents attend only within themselves).
 
 Divergence is caught inside the compiled step, so the host needs no round trip per step: a
-step whose loss, gradient norm or update norm is not finite leaves the parameters and
-optimizer state as they were and is counted in the state (`nonfinite_steps`,
+step whose loss or gradient norm is not finite leaves the parameters and optimizer state
+as they were and is counted in the state (`nonfinite_steps`,
 `last_nonfinite_step`). With `nonfinite="stop"` the first such step also freezes every later
 step, so the state stays the last finite one until the host, at its next look at the
 metrics, stops the run; with "skip" training goes on and the host stops after
@@ -287,11 +287,19 @@ class Trainer:
 
 def checked_update(optimizer, grads, opt_state, params):
     """One optimizer update: (new params, new optimizer state, gradient norm, finite), where
-    `finite` says the gradient and update norms are finite."""
+    `finite` says the gradient norm (float32, whatever the gradients' dtype) is finite.
+
+    That also vouches for the update: from finite gradients and a finite state, AdamW with
+    eps > 0 and b1, b2 < 1 (what OptimizerConfig accepts) gives a finite update, since its
+    denominator is at least eps and a gradient whose square overflows makes the norm
+    infinite first. So the update's norm is not taken: that reduction needed every update
+    written out before the parameters could be, a whole extra pass over the parameters and
+    both moments (an AdamW update of 363M bf16 parameters on 2 CPU cores went from 2.9-3.5 s
+    to 1.65-2.2 s without it, in 3 runs of 5 updates each way)."""
+    grad_norm = jnp.sqrt(sum(jnp.sum(jnp.square(g.astype(jnp.float32)))
+                             for g in jax.tree_util.tree_leaves(grads)))
     updates, opt_state = optimizer.update(grads, opt_state, params)
-    grad_norm = optax.tree.norm(grads)
-    finite = jnp.isfinite(grad_norm) & jnp.isfinite(optax.tree.norm(updates))
-    return optax.apply_updates(params, updates), opt_state, grad_norm, finite
+    return optax.apply_updates(params, updates), opt_state, grad_norm, jnp.isfinite(grad_norm)
 
 
 def keep_if(apply, new, old):
