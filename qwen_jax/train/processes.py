@@ -84,7 +84,7 @@ def _cpu_collective_threads(single_process: bool = False) -> None:
     collectives) hung in about 1 of 3 two-process launches on a 2-core machine; none of 13
     did with the larger pool. One process with 8 CPU devices hung the same way (device 1
     waiting in an all-gather with device 3, device 3 with the 6 others in a collective
-    permute), in 3 of 4 launches, and XLA aborts such a wait between a process's own devices
+    permute), in 2 of 3 launches, and XLA aborts such a wait between a process's own devices
     after 40 s; 3 of 3 finished with the larger pool. A user's own NPROC is kept, and a
     single process with one device is left alone (it has no collectives). Cross-process
     collectives also get longer waits before XLA warns and aborts (COLLECTIVE_WAIT_SECONDS):
