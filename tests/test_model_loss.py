@@ -7,6 +7,7 @@ import numpy as np
 import optax
 import pytest
 
+from qwen_jax.model import loss as loss_module
 from qwen_jax.model.loss import fused_cross_entropy
 
 
@@ -98,3 +99,27 @@ def test_one_chunk_on_cpu_reuses_the_forward_logits(chunk_tokens, dots):
     found = [line for line in text.splitlines()  # (the log-partition's sum is a matvec)
              if "dot_general" in line and str(v) in line and f"tensor<{v}xf32>" not in line]
     assert len(found) == dots, found
+
+
+def test_cpu_half_precision_hidden_gradient_runs_over_vocabulary_slices(monkeypatch):
+    """bf16 on CPU: dh = dlogits W^T is a float32 sum of products over slices of the
+    vocabulary (one product per slice in the compiled step); the gradients are those of the
+    single product up to the order of the float32 additions."""
+    hidden, kernel, targets, mask = data(v=257)
+    h16 = hidden.astype(jnp.bfloat16)
+
+    def grads():
+        fn = jax.jit(jax.grad(lambda h, k: jnp.sum(fused_cross_entropy(
+            h, k, targets, dtype=jnp.bfloat16) * mask), (0, 1)))
+        vocab_dots = [line for line in fn.lower(h16, kernel).as_text().splitlines()
+                      if "dot_general" in line and "tensor<257xf32>" not in line]
+        return fn(h16, kernel), len(vocab_dots)
+
+    (dh_whole, dk_whole), whole_dots = grads()  # 257 words: one slice
+    monkeypatch.setattr(loss_module, "CPU_VOCAB_SLICE", 40)
+    (dh, dk), dots = grads()
+    assert (whole_dots, dots) == (3, 2 + 6)  # logits, dkernel and dh in 1 or round(257/40)
+    assert dh.dtype == jnp.bfloat16
+    np.testing.assert_allclose(np.asarray(dh, np.float32), np.asarray(dh_whole, np.float32),
+                               rtol=1e-2, atol=1e-3 * float(jnp.abs(dh_whole).max()))
+    np.testing.assert_array_equal(np.asarray(dk), np.asarray(dk_whole))
