@@ -101,25 +101,49 @@ def test_one_chunk_on_cpu_reuses_the_forward_logits(chunk_tokens, dots):
     assert len(found) == dots, found
 
 
-def test_cpu_half_precision_hidden_gradient_runs_over_vocabulary_slices(monkeypatch):
-    """bf16 on CPU: dh = dlogits W^T is a float32 sum of products over slices of the
-    vocabulary (one product per slice in the compiled step); the gradients are those of the
-    single product up to the order of the float32 additions."""
-    hidden, kernel, targets, mask = data(v=257)
+def _vocab_grads(mesh, hidden, kernel, targets, mask):
+    """bf16 gradients of the fused loss traced under `mesh`, and the number of
+    vocabulary-wide products in the traced program."""
     h16 = hidden.astype(jnp.bfloat16)
-
-    def grads():
+    with jax.set_mesh(mesh):
         fn = jax.jit(jax.grad(lambda h, k: jnp.sum(fused_cross_entropy(
             h, k, targets, dtype=jnp.bfloat16) * mask), (0, 1)))
         vocab_dots = [line for line in fn.lower(h16, kernel).as_text().splitlines()
-                      if "dot_general" in line and "tensor<257xf32>" not in line]
+                      if "dot_general" in line and f"tensor<{kernel.shape[1]}xf32>" not in line]
         return fn(h16, kernel), len(vocab_dots)
 
-    (dh_whole, dk_whole), whole_dots = grads()  # 257 words: one slice
+
+def _mesh(n):
+    return jax.sharding.Mesh(np.array(jax.devices()[:n]).reshape(1, 1, n),
+                             ("data", "fsdp", "tensor"))
+
+
+def test_cpu_half_precision_hidden_gradient_runs_over_vocabulary_slices(monkeypatch):
+    """bf16 on CPU, one device: dh = dlogits W^T is a float32 sum of products over slices of
+    the vocabulary (one product per slice in the compiled step); the gradients are those of
+    the single product up to the order of the float32 additions."""
+    args = data(v=257)
+    (dh_whole, dk_whole), whole_dots = _vocab_grads(_mesh(1), *args)  # 257 words: one slice
     monkeypatch.setattr(loss_module, "CPU_VOCAB_SLICE", 40)
-    (dh, dk), dots = grads()
+    (dh, dk), dots = _vocab_grads(_mesh(1), *args)
     assert (whole_dots, dots) == (3, 2 + 6)  # logits, dkernel and dh in 1 or round(257/40)
     assert dh.dtype == jnp.bfloat16
     np.testing.assert_allclose(np.asarray(dh, np.float32), np.asarray(dh_whole, np.float32),
                                rtol=1e-2, atol=1e-3 * float(jnp.abs(dh_whole).max()))
     np.testing.assert_array_equal(np.asarray(dk), np.asarray(dk_whole))
+
+
+def test_vocabulary_slices_only_on_one_device(monkeypatch):
+    """Over several devices the vocabulary may be partitioned, and slicing it would cost
+    collectives per slice: dh stays one product."""
+    monkeypatch.setattr(loss_module, "CPU_VOCAB_SLICE", 40)
+    hidden, kernel, targets, mask = data(v=256)
+    two = _mesh(2)
+    kernel = jax.device_put(kernel, jax.sharding.NamedSharding(
+        two, jax.sharding.PartitionSpec(None, "tensor")))
+    (dh, dk), dots = _vocab_grads(two, hidden, kernel, targets, mask)
+    assert dots == 3
+    (dh_one, dk_one), sliced = _vocab_grads(_mesh(1), hidden, np.asarray(kernel), targets, mask)
+    assert sliced == 2 + 6
+    np.testing.assert_allclose(np.asarray(dh, np.float32), np.asarray(dh_one, np.float32),
+                               rtol=1e-2, atol=1e-3 * float(jnp.abs(dh_one).max()))

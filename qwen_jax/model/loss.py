@@ -76,6 +76,13 @@ def _logits(h, kernel, dtype, precision):
 CPU_VOCAB_SLICE = 2400
 
 
+def _one_device() -> bool:
+    """Whether the running trace is for one device: the context mesh has one, or there is no
+    context mesh and the process has one device."""
+    mesh = jax.sharding.get_abstract_mesh()
+    return jax.device_count() == 1 if mesh.empty else mesh.size == 1
+
+
 @jax.named_scope("lm_head")
 def _backward_dots(h, d2, k, dtype_h, cpu_layout, precision):
     """dh = dlogits W^T and this chunk's kernel gradient h^T dlogits (float32).
@@ -87,10 +94,11 @@ def _backward_dots(h, d2, k, dtype_h, cpu_layout, precision):
     thousand, and the two products run side by side on the same cores otherwise (measured on
     2 cores, with transparent huge pages: the loss's forward and backward over 2048 tokens took
     5.7-7.6 s in 64 slices against 7.8-8.4 s as one product beside the other). The slices'
-    partial sums are float32, so only the order of the float32 additions changes."""
+    partial sums are float32, so only the order of the float32 additions changes. Only for
+    one device: slicing a vocabulary partitioned over devices costs collectives per slice."""
     b, c, width = h.shape
     h2 = h.reshape(b * c, width)
-    if cpu_layout:
+    if cpu_layout and _one_device():
         vocab = k.shape[-1]
         n = max(1, round(vocab / CPU_VOCAB_SLICE))
         edges = [round(i * vocab / n) for i in range(n + 1)]
