@@ -23,6 +23,8 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 BENCHMARKS = {
     "train_step": ("Training step vs transformers + torch AdamW (CPU)",
                    ["bench/train_step.py"]),
+    "cpu_matmul": ("The training step's matrix products on the CPU: XLA vs torch",
+                   ["bench/cpu_matmul.py"]),
     "generate": ("Prefill and decode vs transformers generate (CPU)", ["bench/generate.py"]),
     "convert": ("Import of a Qwen-1.8B-shaped checkpoint: time and peak memory",
                 ["bench/convert.py"]),
