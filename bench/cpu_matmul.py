@@ -28,7 +28,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
 from qwen_jax.model.layers import dot32  # noqa: E402
-from qwen_jax.model.loss import CPU_VOCAB_SLICE  # noqa: E402
+from qwen_jax.model.loss import sliced_hidden_grad, vocab_slices  # noqa: E402
 
 TOKENS, HIDDEN, MLP, VOCAB = 4 * 512, 1024, 2816, 151936
 
@@ -40,38 +40,24 @@ def products(tokens=TOKENS, hidden=HIDDEN, mlp=MLP, vocab=VOCAB):
         ("lm_head kernel gradient: hidden^T x dlogits", hidden, tokens, vocab, False, 0),
         ("lm_head hidden gradient: dlogits x kernel^T", tokens, vocab, hidden, True, 0),
         ("  the same, summed over vocabulary slices", tokens, vocab, hidden, True,
-         max(1, round(vocab / CPU_VOCAB_SLICE))),
+         len(vocab_slices(vocab))),
         ("attention qkv: x x w_qkv", tokens, hidden, 3 * hidden, False, 0),
         ("mlp up or gate: x x w", tokens, hidden, mlp, False, 0),
         ("mlp down: h x w", tokens, mlp, hidden, False, 0),
     ]
 
 
-def _edges(k, slices):
-    return [round(i * k / slices) for i in range(slices + 1)] if slices else [0, k]
-
-
-def jax_product(transposed: bool, slices: int, k: int):
-    edges = _edges(k, slices)
-    contract = 1 if transposed else 0
-
-    def f(a, b):
-        parts = [dot32(a[:, lo:hi], b[:, lo:hi] if transposed else b[lo:hi], contract, None)
-                 for lo, hi in zip(edges[:-1], edges[1:])]
-        out = parts[0]
-        for p in parts[1:]:
-            out = out + p
-        return out
-
-    return jax.jit(f)
+def jax_product(transposed: bool, slices: int):
+    """The model's product: dot32, or with slices the loss's CPU hidden gradient itself."""
+    if slices:
+        return jax.jit(lambda a, b: sliced_hidden_grad(a, b, None))
+    return jax.jit(lambda a, b: dot32(a, b, 1 if transposed else 0, None))
 
 
 def torch_product(transposed: bool, slices: int, k: int):
-    edges = _edges(k, slices)
-
     def f(a, b):
         out = None
-        for lo, hi in zip(edges[:-1], edges[1:]):
+        for lo, hi in vocab_slices(k) if slices else [(0, k)]:
             p = a[:, lo:hi] @ (b[:, lo:hi].t() if transposed else b[lo:hi])
             if slices:  # the slices' sum in float32, as jax's
                 p = p.float()
@@ -92,7 +78,7 @@ def measure(rows, reps: int):
         b = rng.standard_normal((n, k) if transposed else (k, n), np.float32)
         ja, jb = jnp.asarray(a, jnp.bfloat16), jnp.asarray(b, jnp.bfloat16)
         ta, tb = (torch.from_numpy(x).to(torch.bfloat16) for x in (a, b))
-        jf, tf = jax_product(transposed, slices, k), torch_product(transposed, slices, k)
+        jf, tf = jax_product(transposed, slices), torch_product(transposed, slices, k)
         got, want = np.asarray(jf(ja, jb)), tf(ta, tb).float().numpy()
         scale = float(np.abs(want).max()) or 1.0
         err = float(np.abs(got - want).max()) / scale

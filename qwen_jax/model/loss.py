@@ -76,6 +76,21 @@ def _logits(h, kernel, dtype, precision):
 CPU_VOCAB_SLICE = 2400
 
 
+def vocab_slices(vocab: int) -> list[tuple[int, int]]:
+    """The [lo, hi) slices of about CPU_VOCAB_SLICE words (at least one) over which
+    `sliced_hidden_grad` contracts a vocabulary of `vocab` words."""
+    n = max(1, round(vocab / CPU_VOCAB_SLICE))
+    edges = [round(i * vocab / n) for i in range(n + 1)]
+    return list(zip(edges[:-1], edges[1:]))
+
+
+def sliced_hidden_grad(d2, k, precision):
+    """dlogits [T, V] x kernel [H, V] contracted over V, as a float32 sum of one product per
+    vocabulary slice (`vocab_slices`): [T, H] float32."""
+    return functools.reduce(jnp.add, (dot32(d2[:, lo:hi], k[:, lo:hi], 1, precision)
+                                      for lo, hi in vocab_slices(k.shape[-1])))
+
+
 def _one_device() -> bool:
     """Whether the running trace is for one device: the context mesh has one, or there is no
     context mesh and the process has one device."""
@@ -99,13 +114,7 @@ def _backward_dots(h, d2, k, dtype_h, cpu_layout, precision):
     b, c, width = h.shape
     h2 = h.reshape(b * c, width)
     if cpu_layout and _one_device():
-        vocab = k.shape[-1]
-        n = max(1, round(vocab / CPU_VOCAB_SLICE))
-        edges = [round(i * vocab / n) for i in range(n + 1)]
-        dh = functools.reduce(jnp.add, (
-            dot32(d2[:, lo:hi], k[:, lo:hi], 1, precision)
-            for lo, hi in zip(edges[:-1], edges[1:])))
-        dh, d2 = jax.lax.optimization_barrier((dh, d2))
+        dh, d2 = jax.lax.optimization_barrier((sliced_hidden_grad(d2, k, precision), d2))
     else:
         dh = dot32(d2, k, 1, precision)
     dh = dh.astype(dtype_h).reshape(b, c, width)
