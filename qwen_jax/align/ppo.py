@@ -261,21 +261,23 @@ class PPOTask(Task):
 
         policy_on = state.step >= a.value_warmup_steps
         halted = (self.cfg.nonfinite == "stop") & (state.nonfinite_steps > 0)
-        b, mb = tokens.shape[0], a.ppo_minibatches
-        totals = {k: jnp.zeros(()) for k in STAT_KEYS}
-        bad = jnp.zeros((), bool)
-        s = state
-        for epoch in range(a.ppo_epochs):
-            order = (jnp.arange(b) if mb == 1 else
-                     jax.random.permutation(jax.random.fold_in(rng, 1000 + epoch), b))
-            for i in range(mb):
-                rows = order[i * (b // mb):(i + 1) * (b // mb)]
-                sub = exp if mb == 1 else jax.tree.map(lambda x: x[rows], exp)
-                key = jax.random.fold_in(rng, epoch * mb + i)
-                s, stats, ok = self._minibatch(s, sub, ptx, key, policy_on & ~halted, ~halted)
-                bad = bad | ~ok
-                totals = {k: totals[k] + stats[k] for k in totals}
-        n = a.ppo_epochs * mb
+        b, mb, n = tokens.shape[0], a.ppo_minibatches, a.ppo_epochs * a.ppo_minibatches
+        # Update j = epoch * mb + i reads rows i of its epoch's shuffle cut in mb. The n
+        # updates are one scanned body, not n copies of two models' forward, backward and
+        # optimizer: the program compiles in about 1/n of the time.
+        rows = jnp.stack([jax.random.permutation(jax.random.fold_in(rng, 1000 + epoch), b)
+                          for epoch in range(a.ppo_epochs)]).reshape(n, b // mb)
+
+        def one_update(carry, j):
+            s, totals, bad = carry
+            sub = exp if mb == 1 else jax.tree.map(lambda x: x[rows[j]], exp)
+            key = jax.random.fold_in(rng, j)
+            s, stats, ok = self._minibatch(s, sub, ptx, key, policy_on & ~halted, ~halted)
+            return (s, {k: totals[k] + stats[k] for k in totals}, bad | ~ok), None
+
+        zeros = {k: jnp.zeros(()) for k in STAT_KEYS}
+        (s, totals, bad), _ = jax.lax.scan(one_update, (state, zeros, jnp.zeros((), bool)),
+                                           jnp.arange(n))
         count = jnp.maximum(jnp.sum(m, axis=1), 1.0)
         bad = bad & ~halted
         step = state.step + 1
