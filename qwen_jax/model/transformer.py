@@ -10,12 +10,14 @@ query positions past the trained length, per-layer windows from the config. Trai
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
+from jax.sharding import PartitionSpec
 
 from qwen_jax.model import kv_cache, long_context, lora
 from qwen_jax.model.attention import attention
@@ -283,16 +285,35 @@ def init_params(config: QwenConfig, rng, batch: int = 1, length: int = 8):
     return nn.unbox(variables["params"])
 
 
-def param_logical_axes(config: QwenConfig):
-    """The logical axis names of every parameter, as a pytree of PartitionSpecs."""
+# A trace of the whole model's init (a few tenths of a second for the tiny model on CPU) gives
+# each of the two: a training run asks for them again and again (its state's, optimizer's,
+# checkpoint's and every frozen model's shardings), so each config's answer is kept. Both are
+# trees of immutable leaves; callers get a fresh tree around them.
+@functools.lru_cache(maxsize=64)
+def _logical_axes(config: QwenConfig):
     abstract = jax.eval_shape(lambda: Qwen(config).init(jax.random.PRNGKey(0),
                                                         jnp.zeros((1, 8), jnp.int32)))
     return nn.get_partition_spec(abstract)["params"]
 
 
+@functools.lru_cache(maxsize=64)
+def _shapes(config: QwenConfig):
+    return jax.eval_shape(lambda: init_params(config, jax.random.PRNGKey(0)))
+
+
+def _fresh_tree(tree, leaf_type):
+    return jax.tree_util.tree_map(lambda x: x, tree,
+                                  is_leaf=lambda x: isinstance(x, leaf_type))
+
+
+def param_logical_axes(config: QwenConfig):
+    """The logical axis names of every parameter, as a pytree of PartitionSpecs."""
+    return _fresh_tree(_logical_axes(config), PartitionSpec)
+
+
 def abstract_params(config: QwenConfig, shardings=None):
     """Shape/dtype structs of the parameters of `config` (optionally with shardings)."""
-    shapes = jax.eval_shape(lambda: init_params(config, jax.random.PRNGKey(0)))
+    shapes = _fresh_tree(_shapes(config), jax.ShapeDtypeStruct)
     if shardings is None:
         return shapes
     return jax.tree_util.tree_map(
