@@ -1,10 +1,12 @@
 """Command lines run as the user runs them (train.py and the qwen_jax modules in a fresh
-process on the CPU), and what they leave: metrics.jsonl records and one-line errors."""
+process on the CPU), and what they leave: metrics.jsonl records and one-line errors; runs made
+once per test session and read by the tests of every xdist worker."""
 
 import importlib.util
 import json
 import os
 import pathlib
+import shutil
 import subprocess
 import sys
 
@@ -43,3 +45,38 @@ def bench_module(name: str):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def shared_by_workers(tmp_path_factory, name: str, make) -> pathlib.Path:
+    """A folder filled once per test session by `make(folder)`, by whichever xdist worker asks
+    first; another worker that asks waits for it (a file lock), then reads it. Only for what
+    the tests read and never change (a trained run, its exports). Without xdist it is a plain
+    session folder."""
+    from filelock import FileLock
+
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent  # this session's folder, above each worker's own
+    folder = root / f"shared-{name}"
+    with FileLock(f"{folder}.lock"):
+        if not (folder / ".complete").exists():
+            shutil.rmtree(folder, ignore_errors=True)
+            folder.mkdir()
+            make(folder)
+            (folder / ".complete").touch()
+    return folder
+
+
+def shared_train(tmp_path_factory, name: str, config: str, *overrides):
+    """(workdir, completed process) of `train(config, workdir, *overrides)`, trained once per
+    test session (`shared_by_workers`); the run must succeed."""
+    def make(folder):
+        result = train(config, folder / "run", *overrides)
+        (folder / "process.json").write_text(json.dumps(
+            {"args": result.args, "returncode": result.returncode, "stdout": result.stdout,
+             "stderr": result.stderr}))
+
+    folder = shared_by_workers(tmp_path_factory, name, make)
+    result = subprocess.CompletedProcess(**json.loads((folder / "process.json").read_text()))
+    assert result.returncode == 0, result.stderr[-3000:]
+    return folder / "run", result
