@@ -131,10 +131,7 @@ def test_token_logprobs_entropy(batch):
 # ------------------------------------------------------------------------------ end to end
 @pytest.fixture(scope="module")
 def dpo_run(tmp_path_factory):
-    workdir = tmp_path_factory.mktemp("dpo") / "run"
-    result = runs.train("dpo_tiny", workdir)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return workdir, result
+    return runs.shared_train(tmp_path_factory, "dpo_tiny", "dpo_tiny")
 
 
 def test_dpo_tiny_learns_the_preference(dpo_run):

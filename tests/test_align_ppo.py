@@ -31,11 +31,8 @@ def reward_run(reward_tiny_run):
 
 @pytest.fixture(scope="module")
 def ppo_run(reward_run, tmp_path_factory):
-    workdir = tmp_path_factory.mktemp("ppo") / "run"
-    result = cli("--config", "configs/ppo_tiny.py", "--workdir", workdir,
-                 f"--config.align.reward_model={reward_run}")
-    assert result.returncode == 0, result.stderr[-3000:]
-    return workdir
+    return runs.shared_train(tmp_path_factory, "ppo_tiny", "ppo_tiny",
+                             f"--config.align.reward_model={reward_run}")[0]
 
 
 def test_layout_of_rollouts():

@@ -55,26 +55,27 @@ def flat(tree):
 @pytest.fixture(scope="module")
 def lora_run(tmp_path_factory):
     """A 20-step tiny run (the base) and a 20-step LoRA run from it that also trains wte and
-    lm_head; their adapters, the base's Qwen2 export and the LoRA run's merged exports."""
-    root = tmp_path_factory.mktemp("peft")
-    base, run = root / "base", root / "lora"
+    lm_head; their adapters, the base's Qwen2 export and the LoRA run's merged exports (made
+    once per test session)."""
     steps = ["--config.num_train_steps=20", "--config.checkpoint_every_steps=20",
              "--config.eval_every_steps=0"]
-    result = runs.train("tiny", base, *steps)
-    assert result.returncode == 0, result.stderr[-3000:]
-    result = runs.train("lora_tiny", run, *steps, f"--config.init_from={base}",
-                        "--config.lora.modules_to_save=('wte','lm_head')")
-    assert result.returncode == 0, result.stderr[-3000:]
-    out = {"root": root, "base": base, "run": run}
-    for name, args in [("v1", ("export", run, root / "v1", "--adapter")),
-                       ("q2", ("export", run, root / "q2", "--adapter", "--format", "qwen2")),
-                       ("base_q2", ("export", base, root / "base_q2", "--format", "qwen2")),
-                       ("merged_q2", ("export", run, root / "merged_q2", "--format", "qwen2")),
-                       ("base_v1", ("export", base, root / "base_v1")),
-                       ("merged_v1", ("export", run, root / "merged_v1"))]:
-        out[name + "_stdout"] = ok(*args)
-        out[name] = args[2]
-    return out
+    exports = {"v1": ("run", "--adapter"), "q2": ("run", "--adapter", "--format", "qwen2"),
+               "base_q2": ("base", "--format", "qwen2"), "merged_q2": ("run", "--format", "qwen2"),
+               "base_v1": ("base",), "merged_v1": ("run",)}
+
+    def make(root):
+        base, run = root / "base", root / "lora"
+        result = runs.train("tiny", base, *steps)
+        assert result.returncode == 0, result.stderr[-3000:]
+        result = runs.train("lora_tiny", run, *steps, f"--config.init_from={base}",
+                            "--config.lora.modules_to_save=('wte','lm_head')")
+        assert result.returncode == 0, result.stderr[-3000:]
+        for name, (source, *flags) in exports.items():
+            ok("export", base if source == "base" else run, root / name, *flags)
+
+    root = runs.shared_by_workers(tmp_path_factory, "peft_lora", make)
+    return {"root": root, "base": root / "base", "run": root / "lora",
+            **{name: root / name for name in exports}}
 
 
 def test_the_run_trained_its_adapters(lora_run):

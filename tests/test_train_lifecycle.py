@@ -16,6 +16,8 @@ from qwen_jax.io.checkpoint import latest_run_step, load_params
 from qwen_jax.train import loop as train_loop
 from test_train_loop import tiny_config
 
+import runs
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
@@ -169,10 +171,10 @@ def test_missing_config_file_is_one_line(tmp_path):
 # ------------------------------------------------------------------------------- using a run
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    workdir = tmp_path_factory.mktemp("trained") / "run"
+    """A 4-step tiny run with checkpoints at steps 2 and 4 (trained once per session)."""
     cfg = tiny_config(num_train_steps=4, checkpoint_every_steps=2, eval_every_steps=0)
-    run(cfg, workdir)
-    return workdir
+    return runs.shared_by_workers(tmp_path_factory, "lifecycle_trained",
+                                  lambda folder: run(cfg, folder / "run")) / "run"
 
 
 def test_workdir_and_step_load_as_checkpoints(trained):
