@@ -6,7 +6,7 @@ run, which prefers replies with more digits:
     python train.py --config configs/ppo_tiny.py --workdir runs/ppo_tiny \\
         --config.align.reward_model=runs/reward_tiny
 
-reward_mean rises while the KL to the reference stays bounded (README: the numbers).
+reward_mean rises while the KL to the reference stays bounded (docs/alignment.md: the numbers).
 """
 
 from configs.base import base_config

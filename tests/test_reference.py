@@ -121,7 +121,7 @@ def test_reference_case(reference, name):
         assert len(full_rows) > 0, "the case needs an unpadded row to compare with the original"
         # Unpadded rows: exactly the original.
         assert _max_diff(logits[full_rows, -last:], expected[full_rows]) <= ATOL
-        # Padded rows: our documented semantics (README, "Padding"): each row gets what it
+        # Padded rows: our documented semantics (docs/models.md, "Padding"): each row gets what it
         # gets alone, with positions counted from its first real token. The original instead
         # uses padded absolute positions; its padded-row logits differ from a solo run.
         for row in padded_rows:
