@@ -37,6 +37,7 @@ from qwen_jax.model.config import QwenConfig
 from qwen_jax.model.transformer import init_params
 from qwen_jax.serve.app import Service, create_app
 from qwen_jax.serve.engine import Engine, EngineError, QueueFull, Request, Sampling
+import docs_commands
 from scaled_weights import scaled_params
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -194,6 +195,24 @@ def test_health_models_and_metrics(server_a, client):
                  "qwen_jax_time_to_first_token_seconds_bucket", "qwen_jax_requests_total{"):
         assert name in text, name
     assert 'endpoint="/v1/chat/completions",status="200"' in text
+
+
+def test_the_documented_curl_request(server_a):
+    """docs/serving.md's curl command as written (its URL on this server's port, its KEY this
+    server's key): its headers and JSON body get a chat completion."""
+    command = docs_commands.find("curl", "/v1/chat/completions")
+    args = command.args
+    url = args[0].replace("http://127.0.0.1:8000", server_a.url)
+    assert url != args[0], command.text
+    headers = dict(args[i + 1].replace("KEY", KEY).split(": ", 1)
+                   for i, a in enumerate(args) if a == "-H")
+    body = args[args.index("-d") + 1]
+    reply = httpx.post(url, headers=headers, content=body, timeout=120)
+    assert reply.status_code == 200, reply.text
+    completion = reply.json()
+    assert completion["object"] == "chat.completion"
+    assert completion["usage"]["completion_tokens"] <= json.loads(body)["max_tokens"]
+    assert completion["choices"][0]["message"]["role"] == "assistant"
 
 
 def test_chat_greedy_equals_generate(client, model_a):

@@ -1,5 +1,5 @@
 """train.py end to end: exact resume, preemption, kill during a save, resharding on restore,
-bad input, and the README's main command."""
+and bad input (the README's main command runs in tests/test_docs.py)."""
 
 import importlib.util
 import json
@@ -196,25 +196,6 @@ def test_checkpoint_of_another_model_is_refused(tmp_path):
     other.model_overrides.num_hidden_layers = 3
     with pytest.raises(train_loop.TrainError, match="another model config"):
         run(other, tmp_path)
-
-
-@pytest.mark.slow
-def test_readme_main_command(tmp_path):
-    readme = (ROOT / "README.md").read_text()
-    line = next(x for x in readme.splitlines() if x.startswith("python train.py"))
-    args = line.split()[2:]
-    workdir = tmp_path / "tiny"
-    args[args.index("--workdir") + 1] = str(workdir)
-    result = subprocess.run([sys.executable, str(ROOT / "train.py"), *args,
-                             "--config.num_train_steps=30", "--config.eval_every_steps=15",
-                             "--config.log_every_steps=5", "--config.optimizer.warmup_steps=5",
-                             "--config.optimizer.peak_learning_rate=3e-3"],
-                            cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
-    summary = json.loads((workdir / "summary.json").read_text())
-    assert summary["final_step"] == 30
-    assert summary["last_logged_loss"] < summary["first_logged_loss"] - 1.0
-    assert f"python -m qwen_jax.generate --checkpoint {workdir}" in result.stdout
 
 
 def test_sft_from_imported_checkpoint(tmp_path, ref_vectors_dir):
