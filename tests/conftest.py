@@ -98,19 +98,3 @@ def reward_tiny_run(tmp_path_factory):
 
     return shared_train(tmp_path_factory, "reward_tiny", "reward_tiny")
 
-
-# The modules whose tests take longest (train.py runs, multi-process jobs, compile-only runs,
-# servers), longest first, as `.ci/run`'s slowest-tests list shows them. The xdist workers
-# take tests in collection order; starting with these and ending with the many short tests
-# keeps both workers busy to the end (in alphabetical order the test_train_* modules came
-# last and one worker ran them alone).
-LONGEST_FIRST = ["test_align_ppo", "test_train_multiprocess", "test_lora", "test_train_aot",
-                 "test_docs", "test_align_dpo", "test_slots", "test_serve_server",
-                 "test_gpu_check", "test_io_peft", "test_align_reward", "test_align_aot",
-                 "test_train_loop", "test_train_lifecycle", "test_train_steps"]
-
-
-def pytest_collection_modifyitems(items):
-    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
-    items.sort(key=lambda item: rank.get(item.module.__name__.rpartition(".")[2],
-                                         len(rank)))
