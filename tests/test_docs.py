@@ -201,6 +201,17 @@ def test_pytest_commands_name_tests_that_exist():
                 f"{c.where}: -k {k} selects nothing in {file}"
 
 
+def test_links_between_documents_resolve():
+    """Every relative link in README.md and docs/ names a file that exists."""
+    broken = []
+    for path in docs_commands.DOCUMENTS:
+        for target in re.findall(r"\]\(([^)\s]+)\)", path.read_text()):
+            if not target.startswith(("http://", "https://", "#")) and \
+                    not (path.parent / target.split("#")[0]).exists():
+                broken.append(f"{path.relative_to(ROOT)}: {target}")
+    assert not broken, broken
+
+
 def test_python_examples_run():
     """The Python examples that run as written (models.md's API example)."""
     text = (ROOT / "docs" / "models.md").read_text()
