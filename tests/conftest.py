@@ -36,7 +36,7 @@ os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
 
 # The pytest processes themselves compile hundreds of small programs, each run a few times:
 # LLVM's optimisation of the generated CPU code costs more than it saves there (test_slots.py:
-# 125 s -> 90 s). The same programs, the same HLO passes; only the machine code is less
+# 125 s -> 84 s). The same programs, the same HLO passes; only the machine code is less
 # optimised. Every subprocess the tests start (train.py, the server, compile-only runs)
 # compiles as a user's does: the flag is taken out of the environment again once this
 # process's backend has read it.
@@ -97,4 +97,3 @@ def reward_tiny_run(tmp_path_factory):
     from runs import shared_train
 
     return shared_train(tmp_path_factory, "reward_tiny", "reward_tiny")
-

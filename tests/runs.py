@@ -7,18 +7,30 @@ import json
 import os
 import pathlib
 import shutil
+import socket
 import subprocess
 import sys
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
+def env(devices=1) -> dict:
+    """The environment of a command run as the user runs it: the CPU, `devices` devices."""
+    return dict(os.environ, JAX_PLATFORMS="cpu",
+                XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+
+
 def cli(*args, module=None, devices=1, timeout=600):
-    env = dict(os.environ, JAX_PLATFORMS="cpu",
-               XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
     cmd = [sys.executable] + (["-m", module] if module else []) + [str(a) for a in args]
-    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True,
+    return subprocess.run(cmd, cwd=ROOT, env=env(devices), capture_output=True, text=True,
                           timeout=timeout, check=False)
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def train(config: str, workdir, *overrides, devices=1):

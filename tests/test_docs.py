@@ -31,6 +31,7 @@ import time
 import pytest
 
 import docs_commands
+import runs
 from docs_commands import ROOT
 
 COMMANDS = docs_commands.commands()
@@ -225,19 +226,12 @@ def test_python_examples_run():
 
 # ------------------------------------------------------------------------------- the tour
 def _as_written(command, tmp, *extra):
-    """argv of a documented command run from the project root, its runs/ and exported/
-    folders under `tmp`, with `extra` arguments appended."""
+    """The arguments after `python` of a documented command run from the project root, its
+    runs/ and exported/ folders under `tmp`, with `extra` arguments appended."""
     argv = [a.replace("runs/", f"{tmp}/runs/").replace("exported/", f"{tmp}/exported/")
             for a in command.argv]
     assert argv[0] in ("python", "python3"), command.text
-    return [sys.executable, *argv[1:], *extra]
-
-
-def _run(argv, timeout=600, **kwargs):
-    env = dict(os.environ, JAX_PLATFORMS="cpu",
-               XLA_FLAGS="--xla_force_host_platform_device_count=1")
-    return subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=timeout, **kwargs)
+    return [*argv[1:], *extra]
 
 
 @pytest.mark.slow
@@ -260,7 +254,7 @@ def test_the_readme_demo_and_tour(tmp_path):
     demo = docs_commands.find("train.py", "configs/tiny.py", "--workdir runs/tiny",
                               documents=[ROOT / "README.md"])
     workdir = tmp_path / "runs" / "tiny"
-    result = _run(_as_written(demo, tmp_path, "--config.num_train_steps=30",
+    result = runs.cli(*_as_written(demo, tmp_path, "--config.num_train_steps=30",
                               "--config.eval_every_steps=15", "--config.log_every_steps=5",
                               "--config.optimizer.warmup_steps=5",
                               "--config.optimizer.peak_learning_rate=3e-3"))
@@ -277,20 +271,20 @@ def test_the_readme_demo_and_tour(tmp_path):
                         "convert_hf.py", "-m qwen_jax.serve"], programs
     generate, ppl, lora, export, serve = tour
 
-    result = _run(_as_written(generate, tmp_path))
+    result = runs.cli(*_as_written(generate, tmp_path))
     assert result.returncode == 0 and result.stdout.strip(), result.stderr[-3000:]
-    result = _run(_as_written(ppl, tmp_path, "--max-windows", "2"))
+    result = runs.cli(*_as_written(ppl, tmp_path, "--max-windows", "2"))
     assert result.returncode == 0, result.stderr[-3000:]
     lengths = ppl.args[ppl.args.index("--lengths") + 1].split(",")
     assert all(f"| {n} " in result.stdout or n in result.stdout for n in lengths)
-    result = _run(_as_written(lora, tmp_path, "--config.num_train_steps=5",
+    result = runs.cli(*_as_written(lora, tmp_path, "--config.num_train_steps=5",
                               "--config.eval_every_steps=0",
                               "--config.checkpoint_every_steps=5"))
     assert result.returncode == 0, result.stderr[-3000:]
-    result = _run(_as_written(export, tmp_path))
+    result = runs.cli(*_as_written(export, tmp_path))
     assert result.returncode == 0, result.stderr[-3000:]
 
-    exported = pathlib.Path(_as_written(export, tmp_path)[4])
+    exported = pathlib.Path(_as_written(export, tmp_path)[3])
     hf = transformers.AutoModelForCausalLM.from_pretrained(exported, torch_dtype=torch.float32)
     params, config = load_params(tmp_path / "runs" / "lora_tiny")
     config = config.replace(use_dynamic_ntk=False, use_logn_attn=False)
@@ -300,15 +294,13 @@ def test_the_readme_demo_and_tour(tmp_path):
         theirs = hf(torch.from_numpy(tokens)).logits.numpy()
     np.testing.assert_allclose(theirs, ours, atol=1e-4)
 
-    argv = _as_written(serve, tmp_path)
-    port = str(_free_port())
+    argv = [sys.executable, *_as_written(serve, tmp_path)]
+    port = str(runs.free_port())
     argv[argv.index("--port") + 1] = port
-    env = dict(os.environ, JAX_PLATFORMS="cpu",
-               XLA_FLAGS="--xla_force_host_platform_device_count=1")
     log = tmp_path / "serve.log"
     with open(log, "w") as out:
-        server = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT,
-                                  stdin=subprocess.DEVNULL)
+        server = subprocess.Popen(argv, cwd=ROOT, env=runs.env(), stdout=out,
+                                  stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
     try:
         url = f"http://127.0.0.1:{port}"
         for _ in range(960):  # up to 240 s: the warm-up compiles
@@ -329,10 +321,3 @@ def test_the_readme_demo_and_tour(tmp_path):
         server.kill()
         server.wait(timeout=30)
 
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]

@@ -14,7 +14,6 @@ import json
 import os
 import pathlib
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -38,6 +37,7 @@ from qwen_jax.model.transformer import init_params
 from qwen_jax.serve.app import Service, create_app
 from qwen_jax.serve.engine import Engine, EngineError, QueueFull, Request, Sampling
 import docs_commands
+import runs
 from scaled_weights import scaled_params
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -52,17 +52,11 @@ WEATHER = {"type": "function", "function": {
                    "required": ["city"]}}}
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class Server:
     """`python -m qwen_jax.serve` in a subprocess on 127.0.0.1, its log in a file."""
 
     def __init__(self, checkpoint, log_path, *args):
-        self.port = _free_port()
+        self.port = runs.free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = pathlib.Path(log_path)
         env = {k: v for k, v in os.environ.items() if k != "QWEN_TIKTOKEN"}

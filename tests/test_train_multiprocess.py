@@ -9,7 +9,6 @@ import json
 import os
 import pathlib
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -28,16 +27,10 @@ COMMON = ["--config.data.seq_len=32", "--config.global_batch_size=8", "--config.
           "--config.eval_every_steps=3", "--config.eval_steps=2"]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def launch(workdir, processes: int, *overrides, steps: int = STEPS,
            config: str = "configs/tiny.py", common=COMMON) -> list[subprocess.Popen]:
     """One job: `processes` train.py processes sharing 8 CPU devices between them."""
-    port = _free_port()
+    port = runs.free_port()
     procs = []
     for i in range(processes):
         env = dict(os.environ, JAX_PLATFORMS="cpu",
