@@ -1,4 +1,4 @@
-"""PPO on CPU in a few minutes: the tiny Qwen policy (random start, or --config.init_from)
+"""PPO on CPU in about half a minute: the tiny Qwen policy (random start, or --config.init_from)
 samples replies to `toy:digits` prompts and learns from the reward model of a reward_tiny
 run, which prefers replies with more digits:
 
@@ -33,8 +33,8 @@ def get_config():
     c.optimizer.peak_learning_rate = 3e-4
     c.optimizer.warmup_steps = 0
     c.optimizer.final_lr_fraction = 1.0  # constant
-    c.num_train_steps = 150
+    c.num_train_steps = 80
     c.log_every_steps = 10
     c.eval_every_steps = 0
-    c.checkpoint_every_steps = 50
+    c.checkpoint_every_steps = 40
     return c

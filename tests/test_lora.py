@@ -179,11 +179,11 @@ def test_lora_tiny_lowers_the_loss_of_a_trained_base(base_run, tmp_path, quant):
     base_eval = _eval_losses(base_run)[200]
     workdir = tmp_path / "run"
     result = runs.train("lora_tiny", workdir, f"--config.init_from={base_run}", *SHORT,
-                        f"--config.lora.quant={quant}", "--config.num_train_steps=150",
-                        "--config.eval_every_steps=150", "--config.checkpoint_every_steps=150")
+                        f"--config.lora.quant={quant}", "--config.num_train_steps=100",
+                        "--config.eval_every_steps=100", "--config.checkpoint_every_steps=100")
     assert result.returncode == 0, result.stderr[-3000:]
-    after = _eval_losses(workdir)[150]
-    print(f"{quant}: base eval_loss {base_eval:.4f} -> {after:.4f} after 150 LoRA steps")
+    after = _eval_losses(workdir)[100]
+    print(f"{quant}: base eval_loss {base_eval:.4f} -> {after:.4f} after 100 LoRA steps")
     assert after < base_eval - 0.03
     # merged on load: the plain model of the run computes the adapted model's logits
     params, config = load_params(workdir)
@@ -202,7 +202,7 @@ def test_dpo_trains_a_lora_policy(tmp_path):
     """DPO with the policy's adapters only (the reference is the base: B = 0)."""
     workdir = tmp_path / "dpo"
     result = runs.train("dpo_tiny", workdir, "--config.lora.rank=8", "--config.lora.dropout=0",
-                        "--config.num_train_steps=60", "--config.eval_every_steps=60")
+                        "--config.num_train_steps=20", "--config.eval_every_steps=20")
     assert result.returncode == 0, result.stderr[-3000:]
     evals = [r["eval_accuracy"] for r in records(workdir) if "eval_accuracy" in r]
     assert evals[-1] >= 0.8, evals

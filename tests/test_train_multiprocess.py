@@ -138,10 +138,11 @@ def test_resume_on_another_process_count(single, tmp_path, first, second):
 def test_kill_one_process_then_restart_the_job(tmp_path):
     """kill -9 of process 1 after the first checkpoint; the job (both processes) is ended as
     a scheduler would and started again: it continues from the last complete checkpoint and
-    ends where an uninterrupted run ends."""
+    ends where an uninterrupted run ends (of one process with the 8 devices: two processes
+    train as one does, test_two_processes_train_like_one)."""
     steps, every = 30, ["--config.checkpoint_every_steps=5", "--config.eval_every_steps=0"]
     reference = tmp_path / "reference"
-    train(reference, 2, *every, steps=steps)
+    train(reference, 1, *every, steps=steps)
     workdir = tmp_path / "run"
     procs = launch(workdir, 2, *every, steps=steps)
     try:
