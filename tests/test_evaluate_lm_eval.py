@@ -1,0 +1,243 @@
+"""The lm-evaluation-harness backend `qwen_jax` against lm-eval's own `hf` backend on the same
+weights (our --format qwen2 export, loaded by transformers), on local YAML tasks with local
+JSONL data: a multiple-choice task, a rolling perplexity task and a generate_until task. Also:
+the stock `lm_eval` command finds the backend; one device and 8 give the same results; a task
+of 200 requests compiles a handful of programs; bad model arguments are one-line errors."""
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import runs
+from scaled_weights import scaled_params
+
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+lm_eval = pytest.importorskip("lm_eval")
+
+WORDS = ("river stone light garden window paper music winter orange silver forest bridge "
+         "candle mountain letter yellow ocean market engine cloud").split()
+TASKS = {
+    "qj_mc": """
+output_type: multiple_choice
+doc_to_text: "Question: {{question}}\\nA. {{choices[0]}}\\nB. {{choices[1]}}\\nC. {{choices[2]}}\\nD. {{choices[3]}}\\nAnswer:"
+doc_to_choice: ["A", "B", "C", "D"]
+doc_to_target: answer
+metric_list:
+  - metric: acc
+""",
+    "qj_ppl": """
+output_type: loglikelihood_rolling
+doc_to_text: ""
+doc_to_target: "{{text}}"
+metric_list:
+  - metric: word_perplexity
+  - metric: byte_perplexity
+  - metric: bits_per_byte
+""",
+    "qj_gen": """
+output_type: generate_until
+doc_to_text: "Q: {{question}}\\nA:"
+doc_to_target: "{{answer}}"
+generation_kwargs:
+  until: ["\\n\\n", "Q:", "."]
+  max_gen_toks: 12
+  do_sample: false
+metric_list:
+  - metric: exact_match
+""",
+}
+
+
+def _documents(task: str, rng) -> list[dict]:
+    def words(n):
+        return " ".join(rng.choice(WORDS, n))
+
+    if task == "qj_mc":
+        return [{"question": words(int(rng.integers(4, 20))),
+                 "choices": [words(int(rng.integers(1, 4))) for _ in range(4)],
+                 "answer": int(rng.integers(4))} for _ in range(12)]
+    if task == "qj_ppl":  # one document longer than the 256-token windows
+        return [{"text": words(n).capitalize() + "."} for n in (3, 40, 150, 400)]
+    return [{"question": words(int(rng.integers(3, 12))), "answer": words(2)}
+            for _ in range(6)]
+
+
+def write_tasks(folder: pathlib.Path) -> pathlib.Path:
+    rng = np.random.default_rng(0)
+    folder.mkdir(parents=True, exist_ok=True)
+    for task, body in TASKS.items():
+        data = folder / f"{task}.jsonl"
+        data.write_text("".join(json.dumps(d) + "\n" for d in _documents(task, rng)))
+        (folder / f"{task}.yaml").write_text(
+            f"task: {task}\ndataset_path: json\ndataset_kwargs:\n  data_files:\n"
+            f"    test: {data}\ntest_split: test\n" + body)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory, qwen_tiktoken_path):
+    """(checkpoint, export, tasks): a small model with the Qwen vocabulary at O(1) weight
+    scale (logits of std ~3: no near-ties in greedy choices), its qwen2 export, the tasks."""
+    import convert_hf
+    from qwen_jax import QwenConfig, save_checkpoint
+
+    config = QwenConfig(hidden_size=64, num_attention_heads=4, kv_channels=16,
+                        num_hidden_layers=2, intermediate_size=256, vocab_size=151936,
+                        seq_length=256, max_position_embeddings=512, dtype="float32",
+                        param_dtype="float32")
+    params = scaled_params(config)
+    params["lm_head"]["kernel"] = params["lm_head"]["kernel"] * 3.0
+    root = tmp_path_factory.mktemp("lm_eval_model")
+    ckpt = save_checkpoint(root / "ckpt", params, config, tokenizer_file=qwen_tiktoken_path)
+    code = convert_hf.main(["export", str(ckpt), str(root / "hf"), "--format", "qwen2"])
+    assert code == 0
+    return ckpt, root / "hf", write_tasks(root / "tasks")
+
+
+def evaluate(model_name, model_args, tasks_dir, tasks=tuple(TASKS), **kw):
+    from lm_eval.tasks import TaskManager
+
+    return lm_eval.simple_evaluate(model=model_name, model_args=model_args, tasks=list(tasks),
+                                   task_manager=TaskManager(include_path=str(tasks_dir)),
+                                   log_samples=True, **kw)
+
+
+def responses(results, task):
+    return [s["resps"] for s in sorted(results["samples"][task], key=lambda s: s["doc_id"])]
+
+
+@pytest.fixture(scope="module")
+def hf_results(model):
+    _, hf, tasks = model
+    return evaluate("hf", f"pretrained={hf},dtype=float32,max_length=256", tasks,
+                    batch_size=4, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def our_results(model):
+    from qwen_jax.evaluate.lm_eval_backend import QwenJaxLM
+
+    ckpt, _, tasks = model
+    lm = QwenJaxLM(checkpoint=str(ckpt), batch_tokens=2048)
+    return lm, evaluate(lm, None, tasks)
+
+
+def test_loglikelihoods_match_the_hf_backend(hf_results, our_results):
+    _, ours = our_results
+    for task in ("qj_mc", "qj_ppl"):
+        a, b = responses(ours, task), responses(hf_results, task)
+        assert len(a) == len(b) > 0
+        for doc_a, doc_b in zip(a, b):
+            for (mine,), (theirs,) in zip(doc_a, doc_b):
+                if task == "qj_mc":  # (log-likelihood, greedy)
+                    assert mine[1] == theirs[1]
+                    mine, theirs = mine[0], theirs[0]
+                assert abs(float(mine) - float(theirs)) <= 1e-4 * max(1.0, abs(theirs) / 100), \
+                    (task, mine, theirs)
+    for task in ("qj_mc", "qj_ppl"):
+        for metric, value in hf_results["results"][task].items():
+            if isinstance(value, float):
+                assert ours["results"][task][metric] == pytest.approx(value, rel=1e-5), metric
+
+
+def test_generations_match_the_hf_backend(hf_results, our_results):
+    _, ours = our_results
+    a, b = responses(ours, "qj_gen"), responses(hf_results, "qj_gen")
+    assert a == b and any(text[0] for text in a), (a, b)
+    assert ours["results"]["qj_gen"] == hf_results["results"]["qj_gen"]
+
+
+def test_single_token_choices_share_one_forward(our_results, model):
+    """MMLU's letters: 12 questions x 4 one-token answers are 12 rows, not 48."""
+    lm, _ = our_results
+    from lm_eval.api.instance import Instance
+
+    requests = [Instance("loglikelihood", {}, ("Answer:", f" {c}"), 0) for c in "ABCD"]
+    rows = lm.engine._rows([lm._encode_pair(*r.args) for r in requests])
+    assert len(rows) == 1 and len(rows[0].choices) == 4
+    one_by_one = [lm.loglikelihood([r])[0] for r in requests]
+    together = lm.loglikelihood(requests)
+    np.testing.assert_allclose([x for x, _ in together], [x for x, _ in one_by_one], atol=1e-5)
+
+
+def test_one_device_gives_what_eight_give(model, our_results):
+    from qwen_jax.evaluate.lm_eval_backend import QwenJaxLM
+
+    ckpt, _, tasks = model
+    lm8, ours = our_results
+    assert lm8.engine.mesh.size == 8
+    one = evaluate(QwenJaxLM(checkpoint=str(ckpt), mesh="1:1:1", batch_tokens=2048), None,
+                   tasks)
+    assert responses(one, "qj_gen") == responses(ours, "qj_gen")
+    for task in ("qj_mc", "qj_ppl"):
+        for doc_a, doc_b in zip(responses(one, task), responses(ours, task)):
+            for (x,), (y,) in zip(doc_a, doc_b):
+                np.testing.assert_allclose(np.asarray(x, float), np.asarray(y, float),
+                                           rtol=1e-5, atol=1e-5)
+
+
+def test_two_hundred_requests_compile_a_handful_of_programs(tmp_path, monkeypatch):
+    """200 requests of 5 to 600 tokens: one program per bucket length (32 ... 1024 tokens,
+    six), the batch size fixed per bucket; the results do not depend on the batching."""
+    from qwen_jax import QwenConfig, init_params, save_checkpoint
+    from qwen_jax.evaluate.engine import Engine
+
+    import jax
+
+    config = QwenConfig(hidden_size=32, num_attention_heads=2, kv_channels=16,
+                        num_hidden_layers=1, intermediate_size=64, vocab_size=512,
+                        seq_length=1024, dtype="float32", param_dtype="float32")
+    monkeypatch.delenv("QWEN_TIKTOKEN", raising=False)  # no vocabulary file: the bytes
+    ckpt = save_checkpoint(tmp_path / "ckpt", init_params(config, jax.random.PRNGKey(0)),
+                           config)
+    engine = Engine(ckpt, batch_tokens=8192)
+    rng = np.random.default_rng(0)
+    requests = []
+    for _ in range(200):
+        n = int(rng.integers(5, 601))
+        cont = int(rng.integers(1, min(n - 1, 20) + 1))
+        ids = rng.integers(3, 256, n).tolist()
+        requests.append((ids[:n - cont], ids[n - cont:]))
+    results = engine.loglikelihood(requests)
+    assert len(engine.programs) <= 6, sorted(engine.programs)
+    assert {p[2] for p in engine.programs} <= {32, 64, 128, 256, 512, 1024}
+    small = Engine(ckpt, batch_tokens=1024, mesh="1:1:1")
+    picked = [0, 7, 50, 199]
+    again = small.loglikelihood([requests[i] for i in picked])
+    np.testing.assert_allclose([results[i][0] for i in picked], [x for x, _ in again],
+                               rtol=1e-5)
+
+
+def test_the_lm_eval_command_finds_the_backend(model):
+    ckpt, _, tasks = model
+    result = subprocess.run(
+        [str(pathlib.Path(sys.executable).parent / "lm_eval"), "--model", "qwen_jax",
+         "--model_args", f"checkpoint={ckpt},mesh=1:1:1", "--tasks", "qj_mc",
+         "--include_path", str(tasks), "--limit", "4"],
+        cwd=runs.ROOT, env=dict(runs.env(), HF_DATASETS_OFFLINE="1"), capture_output=True,
+        text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "qj_mc" in result.stdout and "acc" in result.stdout, result.stdout[-2000:]
+
+
+def test_bad_model_arguments_are_one_line_errors(tmp_path, model):
+    ckpt, _, tasks = model
+    lm_eval_bin = str(pathlib.Path(sys.executable).parent / "lm_eval")
+    cases = {f"checkpoint={tmp_path / 'missing'}": "no such checkpoint directory",
+             f"checkpoint={ckpt},colour=blue": "unknown model argument(s) ['colour']",
+             f"checkpoint={ckpt},mesh=3:1:1": "mesh (3, 1, 1)"}
+    for args, expected in cases.items():
+        result = subprocess.run(
+            [sys.executable, "-m", "qwen_jax.evaluate", "lm-eval", "--model_args", args,
+             "--tasks", "qj_mc", "--include_path", str(tasks)],
+            cwd=runs.ROOT, env=runs.env(), capture_output=True, text=True, timeout=300)
+        assert result.returncode != 0
+        assert expected in runs.one_error_line(result.stderr), result.stderr[-2000:]
+    assert lm_eval_bin
