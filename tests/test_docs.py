@@ -176,6 +176,9 @@ def test_ci_runs_the_readme_set_up_and_tests():
     ci_pip = [[a for a in line[3:] if a != "-q"] for line in ci
               if line[:4] == ["python", "-m", "pip", "install"] and "--upgrade" not in line]
     assert ci_pip == pip
+    sandbox = [list(c.argv) for c in readme if c.program == "-m qwen_jax.sandbox"]
+    assert sandbox == [["python", "-m", "qwen_jax.sandbox", "--install"]]
+    assert [line for line in ci if line[:3] == ["python", "-m", "qwen_jax.sandbox"]] == sandbox
     tests = [list(c.argv) for c in docs_commands.section(ROOT / "README.md", "## Tests")
              if c.program == "-m pytest"]
     assert tests == [["python", "-m", "pytest", "-q", "-n", "2"]]

@@ -144,7 +144,7 @@ class Engine:
         try:
             self.mesh = shd.make_mesh(shape, devices)
         except shd.ShardingError as e:
-            raise EvalError(f"mesh {tuple(mesh)}: {e}") from None
+            raise EvalError(f"mesh {shape}: {e}") from None
         self.params, self.config = load_params(directory, config,
                                                shardings=param_shardings(config, self.mesh))
         self.max_length = int(max_length or self.config.seq_length)
@@ -243,9 +243,23 @@ class Engine:
                                       if t < vocab and not self.tokenizer.is_special(t)])
 
     def generate(self, requests: Sequence[GenerationRequest], progress=None) -> list[str]:
-        """The text each request generates, cut before the first of its `until` strings, in
-        request order. Requests with the same settings run together, longest prompt first."""
-        out: list[str | None] = [None] * len(requests)
+        """The text each request generates (special tokens dropped), cut before the first of
+        its `until` strings, in request order."""
+        ids = self.generate_ids(requests, progress)
+        texts = []
+        for q, row in zip(requests, ids):
+            text = self.decode(row)
+            for stop in q.until:
+                if stop:
+                    text = text.split(stop)[0]
+            texts.append(text)
+        return texts
+
+    def generate_ids(self, requests: Sequence[GenerationRequest], progress=None
+                     ) -> list[list[int]]:
+        """The ids each request generates, its stop sequence included, in request order.
+        Requests with the same settings run together, longest prompt first."""
+        out: list[list[int] | None] = [None] * len(requests)
         groups: dict[tuple, list[int]] = {}
         for i, r in enumerate(requests):
             key = (r.until, r.max_new_tokens, r.do_sample, r.temperature, r.top_p, r.top_k,
@@ -292,15 +306,8 @@ class Engine:
         with shd.activation_sharding(self.mesh):
             result = generate(self.params, self.config, prompts, gen, seed=self.seed,
                               max_length=length + r.max_new_tokens, pad_to_multiple=length)
-        texts = []
-        for row, q in enumerate(batch):
-            ids = result.tokens[row, :result.num_tokens[row]].tolist()
-            text = self.decode(ids)
-            for stop in q.until:
-                if stop:
-                    text = text.split(stop)[0]
-            texts.append(text)
-        return texts
+        return [result.tokens[row, :result.num_tokens[row]].tolist()
+                for row in range(len(batch))]
 
 
 def log(message: str) -> None:
