@@ -34,6 +34,8 @@ BENCHMARKS = {
                   ["bench/attention.py"]),
     "serve": ("Serving: continuous batching vs one request at a time (CPU)",
               ["bench/serve.py"]),
+    "lm_eval": ("lm-eval requests per second: the qwen_jax backend vs the hf backend (CPU)",
+                ["bench/lm_eval_speed.py"]),
     # Needs MaxText's own virtual environment: MAXTEXT_PYTHON (bench/maxtext_compare.py).
     "maxtext": ("Qwen-14B training step on a TPU slice: qwen_jax vs MaxText (compile-only)",
                 ["bench/maxtext_compare.py"]),

@@ -2,6 +2,9 @@
 the KL bounded, a stopped and resumed run logs exactly the uninterrupted run's metrics, the
 policy is a language model like any run's, and bad reward models are one-line errors."""
 
+import json
+import shutil
+
 import jax
 import numpy as np
 import pytest
@@ -123,21 +126,24 @@ def test_ppo_policy_loads_as_a_language_model(ppo_run):
     assert "lm_head" in params and config.hidden_size == 128
 
 
-def test_ppo_resume_repeats_the_uninterrupted_run(reward_run, tmp_path):
-    common = ["--config", "configs/ppo_tiny.py", f"--config.align.reward_model={reward_run}",
-              "--config.num_train_steps=24", "--config.log_every_steps=4",
-              "--config.checkpoint_every_steps=100", "--config.align.value_warmup_steps=4"]
-    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    assert cli(*common, "--workdir", straight).returncode == 0
-    first = cli(*common, "--workdir", resumed, "--stop_at_step=12")
-    assert first.returncode == 0, first.stderr[-2000:]
-    second = cli(*common, "--workdir", resumed)
-    assert second.returncode == 0, second.stderr[-2000:]
+def test_ppo_resume_repeats_the_uninterrupted_run(reward_run, ppo_run, tmp_path):
+    """The shared run cut back to its checkpoint at step 40 (what a run stopped or preempted
+    after that checkpoint leaves behind) and started again logs exactly what the uninterrupted
+    run logged from there to the end: policy, value model, both optimizers, the reward
+    normalisation's moments, the sampler's and the prompts' state all come back."""
+    resumed = tmp_path / "resumed"
+    shutil.copytree(ppo_run, resumed)
+    shutil.rmtree(resumed / "checkpoints" / "80")  # the records past 40: train.py drops them
+    (resumed / "summary.json").unlink()
+    result = cli("--config", "configs/ppo_tiny.py", f"--config.align.reward_model={reward_run}",
+                 "--workdir", resumed)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert json.loads((resumed / "summary.json").read_text())["final_step"] == 80
     keys = ("loss", "reward_mean", "kl", "policy_loss", "value_loss", "entropy")
-    a = {r["step"]: [r[k] for k in keys] for r in records(straight) if "loss" in r}
+    a = {r["step"]: [r[k] for k in keys] for r in records(ppo_run) if "loss" in r}
     b = {r["step"]: [r[k] for k in keys] for r in records(resumed) if "loss" in r}
-    assert sorted(a) == sorted(b) == [4, 8, 12, 16, 20, 24]
-    for step in (16, 20, 24):
+    assert sorted(a) == sorted(b) == list(range(10, 81, 10))
+    for step in (50, 60, 70, 80):
         np.testing.assert_allclose(b[step], a[step], rtol=1e-5, atol=1e-6, err_msg=str(step))
 
 

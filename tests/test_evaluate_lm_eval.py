@@ -109,7 +109,8 @@ def evaluate(model_name, model_args, tasks_dir, tasks=tuple(TASKS), **kw):
     from lm_eval.tasks import TaskManager
 
     return lm_eval.simple_evaluate(model=model_name, model_args=model_args, tasks=list(tasks),
-                                   task_manager=TaskManager(include_path=str(tasks_dir)),
+                                   task_manager=TaskManager(include_path=str(tasks_dir),
+                                                            include_defaults=False),
                                    log_samples=True, **kw)
 
 
@@ -160,35 +161,44 @@ def test_single_token_choices_share_one_forward(model):
     np.testing.assert_allclose([x for x, _ in together], [x for x, _ in one_by_one], atol=1e-5)
 
 
-def test_one_device_gives_what_eight_give(model):
-    from qwen_jax.evaluate.lm_eval_backend import QwenJaxLM
+def byte_model(folder, monkeypatch, seed=0, seq_length=1024):
+    """A small model with the byte-level tokenizer (no vocabulary file)."""
+    from qwen_jax import QwenConfig, init_params, save_checkpoint
 
-    ckpt, _, tasks = model
-    lm8 = QwenJaxLM(checkpoint=str(ckpt), batch_tokens=2048)
-    assert lm8.engine.mesh.size == 8
-    ours = evaluate(lm8, None, tasks, tasks=("qj_mc", "qj_gen"))
-    one = evaluate(QwenJaxLM(checkpoint=str(ckpt), mesh="1:1:1", batch_tokens=2048), None,
-                   tasks, tasks=("qj_mc", "qj_gen"))
-    assert responses(one, "qj_gen") == responses(ours, "qj_gen")
-    for doc_a, doc_b in zip(responses(one, "qj_mc"), responses(ours, "qj_mc")):
-        for ((x, gx),), ((y, gy),) in zip(doc_a, doc_b):
-            assert gx == gy and x == pytest.approx(y, rel=1e-5, abs=1e-5)
+    import jax
+
+    monkeypatch.delenv("QWEN_TIKTOKEN", raising=False)
+    config = QwenConfig(hidden_size=32, num_attention_heads=2, kv_channels=16,
+                        num_hidden_layers=1, intermediate_size=64, vocab_size=512,
+                        seq_length=seq_length, dtype="float32", param_dtype="float32")
+    return save_checkpoint(folder, init_params(config, jax.random.PRNGKey(seed)), config)
+
+
+def test_one_device_gives_what_eight_give(tmp_path, monkeypatch):
+    """Scores and greedy generations on 1 device equal those on 8 (the model sharded over
+    fsdp, each batch split over 8)."""
+    from qwen_jax.evaluate.engine import Engine, GenerationRequest
+
+    ckpt = byte_model(tmp_path / "ckpt", monkeypatch, seq_length=256)
+    rng = np.random.default_rng(1)
+    requests = [(rng.integers(3, 256, int(n)).tolist(), rng.integers(3, 256, int(k)).tolist())
+                for n, k in zip(rng.integers(1, 120, 12), rng.integers(1, 5, 12))]
+    prompts = [GenerationRequest(rng.integers(3, 256, int(n)).tolist(), ("\n",), 8)
+               for n in rng.integers(1, 30, 4)]
+    one, eight = Engine(ckpt, mesh="1:1:1"), Engine(ckpt)
+    assert one.mesh.size == 1 and eight.mesh.size == 8
+    a, b = one.loglikelihood(requests), eight.loglikelihood(requests)
+    assert [g for _, g in a] == [g for _, g in b]
+    np.testing.assert_allclose([x for x, _ in a], [x for x, _ in b], rtol=1e-5, atol=1e-5)
+    assert one.generate_ids(prompts) == eight.generate_ids(prompts)
 
 
 def test_two_hundred_requests_compile_a_handful_of_programs(tmp_path, monkeypatch):
     """200 requests of 5 to 600 tokens: one program per bucket length (32 ... 1024 tokens,
     six), the batch size fixed per bucket; the results do not depend on the batching."""
-    from qwen_jax import QwenConfig, init_params, save_checkpoint
     from qwen_jax.evaluate.engine import Engine
 
-    import jax
-
-    config = QwenConfig(hidden_size=32, num_attention_heads=2, kv_channels=16,
-                        num_hidden_layers=1, intermediate_size=64, vocab_size=512,
-                        seq_length=1024, dtype="float32", param_dtype="float32")
-    monkeypatch.delenv("QWEN_TIKTOKEN", raising=False)  # no vocabulary file: the bytes
-    ckpt = save_checkpoint(tmp_path / "ckpt", init_params(config, jax.random.PRNGKey(0)),
-                           config)
+    ckpt = byte_model(tmp_path / "ckpt", monkeypatch)
     engine = Engine(ckpt, batch_tokens=8192)
     rng = np.random.default_rng(0)
     requests = []
@@ -207,8 +217,9 @@ def test_two_hundred_requests_compile_a_handful_of_programs(tmp_path, monkeypatc
                                rtol=1e-5)
 
 
-def test_the_lm_eval_command_finds_the_backend(model):
-    ckpt, _, tasks = model
+def test_the_lm_eval_command_finds_the_backend(model, tmp_path, monkeypatch):
+    tasks = model[2]
+    ckpt = byte_model(tmp_path / "ckpt", monkeypatch, seq_length=256)
     result = subprocess.run(
         [str(pathlib.Path(sys.executable).parent / "lm_eval"), "--model", "qwen_jax",
          "--model_args", f"checkpoint={ckpt},mesh=1:1:1", "--tasks", "qj_mc",
@@ -238,3 +249,82 @@ def test_bad_model_arguments_are_one_line_errors(tmp_path, model):
                      str(tasks), "--mesh", "3:3:1"])
     lines = err.getvalue().strip().splitlines()
     assert code == 1 and len(lines) == 1 and lines[0].startswith("error: mesh (3, 3, 1)"), lines
+
+
+@pytest.mark.slow
+def test_two_processes_give_what_one_gives(tmp_path, monkeypatch):
+    """`python -m qwen_jax.evaluate` on 2 processes x 4 CPU devices gives what 1 process x 8
+    devices gives, example by example, on both processes (C-Eval's protocol on a small
+    byte-level model: every batch split over both processes' devices). Over 30 s: three
+    processes."""
+    import csv
+
+    ckpt = byte_model(tmp_path / "ckpt", monkeypatch, seq_length=512)
+    rng = np.random.default_rng(4)
+    for split, n in (("dev", 5), ("val", 6)):
+        (tmp_path / "ceval" / split).mkdir(parents=True)
+        for subject in ("college_physics", "tax_accountant"):
+            with open(tmp_path / "ceval" / split / f"{subject}_{split}.csv", "w",
+                      newline="") as f:
+                w = csv.writer(f)
+                w.writerow(["id", "question", "A", "B", "C", "D", "answer"])
+                for i in range(n):
+                    w.writerow([i, " ".join(rng.choice(WORDS, int(rng.integers(2, 30)))),
+                                *rng.choice(WORDS, 4), "ABCD"[i % 4]])
+    port = runs.free_port()
+
+    def launch(processes):
+        env = runs.env(8 // processes)
+        procs = []
+        for i in range(processes):
+            extra = ([f"--coordinator_address=127.0.0.1:{port}", f"--num_processes={processes}",
+                      f"--process_id={i}"] if processes > 1 else [])
+            cmd = [sys.executable, "-m", "qwen_jax.evaluate", "--checkpoint", str(ckpt),
+                   "--task", "ceval", "--data", str(tmp_path / "ceval"), "--batch-tokens",
+                   "2048", "--json", str(tmp_path / f"p{processes}_{i}.json"), *extra]
+            procs.append(subprocess.Popen(cmd, cwd=runs.ROOT, env=env, text=True,
+                                          stdout=subprocess.PIPE, stderr=subprocess.PIPE))
+        for p in procs:
+            out, err = p.communicate(timeout=600)
+            assert p.returncode == 0, err[-3000:]
+        return out
+
+    launch(1)
+    launch(2)
+    one = json.loads((tmp_path / "p1_0.json").read_text())
+    two = json.loads((tmp_path / "p2_0.json").read_text())
+    assert not (tmp_path / "p2_1.json").exists()  # process 0 writes
+    assert one["count"] == two["count"] == 12
+    assert [e["pred"] for e in two["examples"]] == [e["pred"] for e in one["examples"]]
+    np.testing.assert_allclose([e["logprobs"] for e in two["examples"]],
+                               [e["logprobs"] for e in one["examples"]], rtol=1e-5, atol=1e-5)
+    assert two["value"] == one["value"]
+
+
+def test_the_chat_template_is_the_release_chatml(model):
+    """lm-eval's --apply_chat_template: the prompt's tokens are those of the release's
+    make_context (ChatML, its default system message), and such a turn ends at <|im_end|>."""
+    from qwen_jax.data import chat_format
+    from qwen_jax.evaluate.lm_eval_backend import QwenJaxLM
+
+    lm = QwenJaxLM(checkpoint=str(model[0]), mesh="1:1:1")
+    text = lm.apply_chat_template([{"role": "user", "content": "What is 2 + 2?"}])
+    _, want = chat_format.make_context(lm.tokenizer, "What is 2 + 2?")
+    assert lm.tok_encode(text) == want
+    with_system = lm.apply_chat_template([{"role": "system", "content": "Be brief."},
+                                          {"role": "user", "content": "Hi"}])
+    assert lm.tok_encode(with_system) == chat_format.make_context(lm.tokenizer, "Hi",
+                                                                  system="Be brief.")[1]
+    from lm_eval.api.instance import Instance
+
+    request = Instance("generate_until", {}, (text, {"until": ["\n\n"], "max_gen_toks": 6}), 0)
+    captured = {}
+    original = lm.engine.generate
+
+    def spy(requests, progress=None):
+        captured["stop_ids"] = requests[0].stop_ids
+        return original(requests, progress)
+
+    lm.engine.generate = spy
+    lm.generate_until([request])
+    assert captured["stop_ids"] == (lm.tokenizer.im_end_id,)

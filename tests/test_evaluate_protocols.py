@@ -117,6 +117,49 @@ def release_mmlu(hf, tokenizer, data, subject, max_seq_len=2048):
     return out
 
 
+def release_ceval(hf, tokenizer, data, subject):
+    """eval/evaluate_ceval.py's format_example, generate_few_shot_prompt, get_logits and
+    eval_subject (batch size 1), as written there; returns per-question (ids, pred) and the
+    subject's correct_ratio."""
+    import pandas as pd
+
+    choices = ["A", "B", "C", "D"]
+
+    def format_example(line, include_answer=True):
+        example = "问题：" + line["question"]
+        for choice in choices:
+            example += f'\n{choice}. {line[f"{choice}"]}'
+        if include_answer:
+            example += "\n答案：" + line["answer"] + "\n\n"
+        else:
+            example += "\n答案："
+        return example
+
+    def generate_few_shot_prompt(k, subject, dev_df):
+        prompt = ""
+        for i in range(k):
+            prompt += format_example(dev_df.iloc[i, :], include_answer=True)
+        return prompt
+
+    dev_df = pd.read_csv(data / "dev" / f"{subject}_dev.csv")
+    val_df = pd.read_csv(data / "val" / f"{subject}_val.csv")
+    few_shot_prompt = generate_few_shot_prompt(5, subject, dev_df)
+    choices_ids = torch.tensor(tokenizer("A")["input_ids"] + tokenizer("B")["input_ids"]
+                               + tokenizer("C")["input_ids"] + tokenizer("D")["input_ids"]
+                               ).unsqueeze(0)
+    out, score = [], []
+    with torch.no_grad():
+        for row in val_df.to_dict(orient="records"):
+            input_ids = torch.tensor(tokenizer([few_shot_prompt + format_example(
+                row, include_answer=False)])["input_ids"])
+            logits = torch.nn.functional.softmax(hf(input_ids)["logits"][:, -1, :], dim=-1)
+            softval = logits.gather(1, choices_ids.expand(1, -1)).softmax(1)
+            pred = {0: "A", 1: "B", 2: "C", 3: "D"}[int(np.argmax(softval[0].numpy()))]
+            score.append(1 if pred == row["answer"] else 0)
+            out.append((input_ids[0].tolist(), pred))
+    return out, 100 * sum(score) / len(score)
+
+
 def release_gsm8k_answers(completion, answer):
     """eval/evaluate_gsm8k.py's extract_answer_hf, extract_answer and is_correct."""
     ans_re = re.compile(r"#### (\-?[0-9\.\,]+)")
@@ -174,6 +217,38 @@ def test_mmlu_cuts_a_long_prompt_as_the_release_does(model, mmlu_data):
     assert [len(d["prompt_ids"]) for d in score.details[:2]] == [63, 63]
     assert [d["prompt_ids"] for d in score.details[:2]] == [r[0] for r in release]
     assert [d["pred"] for d in score.details[:2]] == [r[1] for r in release]
+
+
+def test_ceval_is_the_release_protocol(model, tmp_path):
+    """Macro average over subjects, and the hard subset (college_physics is one of the
+    release's 8 hard subjects, tax_accountant is not)."""
+    from qwen_jax.evaluate import protocols
+
+    _, hf, tokenizer, engine = model
+    rng = np.random.default_rng(3)
+    zh = "电路 能量 税务 会计 物理 力学 分子 反应".split()
+    subjects = {"college_physics": 4, "tax_accountant": 2}
+    for split in ("dev", "val"):
+        (tmp_path / split).mkdir()
+        for subject, n in subjects.items():
+            with open(tmp_path / split / f"{subject}_{split}.csv", "w", newline="") as f:
+                w = csv.writer(f)
+                w.writerow(["id", "question", "A", "B", "C", "D", "answer"]
+                           + (["explanation"] if split == "dev" else []))
+                for i in range(5 if split == "dev" else n):
+                    w.writerow([i, "".join(rng.choice(zh, int(rng.integers(3, 12)))),
+                                *["".join(rng.choice(zh, 2)) for _ in range(4)],
+                                "ABCD"[int(rng.integers(4))]]
+                               + (["因为"] if split == "dev" else []))
+    score = protocols.run_ceval(engine, tmp_path)
+    release, ratios = [], {}
+    for subject in sorted(subjects):
+        rows, ratios[subject] = release_ceval(hf, tokenizer, tmp_path, subject)
+        release += rows
+    assert [d["prompt_ids"] for d in score.details] == [r[0] for r in release]
+    assert [d["pred"] for d in score.details] == [r[1] for r in release]
+    assert 100 * score.value == pytest.approx(sum(ratios.values()) / len(ratios))
+    assert 100 * score.groups["hard"] == pytest.approx(ratios["college_physics"])
 
 
 def test_gsm8k_is_the_release_protocol(model, tmp_path):
@@ -262,16 +337,33 @@ def run_main(*args):
     return code, err.getvalue()
 
 
-def test_the_command_prints_a_table_2_row_and_json(model, mmlu_data, tmp_path, capsys):
+def test_the_command_prints_a_table_2_row_and_json(tmp_path, capsys, monkeypatch):
+    """`python -m qwen_jax.evaluate --task gsm8k` (a small byte-level model): a markdown row
+    in Table 2's style, and every example in --json."""
+    from qwen_jax import QwenConfig, init_params, save_checkpoint
     from qwen_jax.evaluate.__main__ import main
 
-    ckpt = model[0]
-    assert main(["--checkpoint", str(ckpt), "--task", "mmlu", "--data", str(mmlu_data),
-                 "--json", str(tmp_path / "out.json"), "--limit", "1"]) == 0
+    import jax
+
+    monkeypatch.delenv("QWEN_TIKTOKEN", raising=False)
+    config = QwenConfig(hidden_size=32, num_attention_heads=2, kv_channels=16,
+                        num_hidden_layers=1, intermediate_size=64, vocab_size=512,
+                        seq_length=512, dtype="float32", param_dtype="float32")
+    ckpt = save_checkpoint(tmp_path / "tiny", init_params(config, jax.random.PRNGKey(0)),
+                           config)
+    (tmp_path / "gsm8k").mkdir()
+    (tmp_path / "gsm8k" / "gsm8k_prompt.txt").write_text("Question: 1 + 1?\nThe answer is 2\n")
+    (tmp_path / "gsm8k" / "test.jsonl").write_text("".join(
+        json.dumps({"question": f"{i} + 1?", "answer": f"so\n#### {i + 1}"}) + "\n"
+        for i in range(3)))
+    assert main(["--checkpoint", str(ckpt), "--task", "gsm8k", "--data",
+                 str(tmp_path / "gsm8k"), "--max-new-tokens", "8", "--json",
+                 str(tmp_path / "out.json")]) == 0
     out = capsys.readouterr().out
-    assert "| model | MMLU 5-shot |" in out and "| ckpt |" in out
+    assert "| model | GSM8K 8-shot |" in out and "| tiny |" in out
     saved = json.loads((tmp_path / "out.json").read_text())
-    assert saved["count"] == 2 and set(saved["groups"]) == set(SUBJECTS)
+    assert saved["count"] == 3 and len(saved["examples"]) == 3
+    assert [e["gold"] for e in saved["examples"]] == [1, 2, 3]
 
 
 def test_bad_input_is_one_line(model, mmlu_data, tmp_path):

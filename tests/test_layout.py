@@ -22,6 +22,8 @@ RANKS = {
     "cli": 3,        # what every command line shares
     "infer": 4,      # sampling, generation, chat, perplexity
     "align": 5,      # reward model, PPO, DPO
+    "sandbox": 0,    # running model-written code in bubblewrap: imports no other part
+    "evaluate": 5,   # the evaluation engine, the lm-eval backend, the release's protocols
     "serve": 6,      # the OpenAI-compatible server: tool prompts, and the sampler of infer/
     "__init__": 9,   # the public surface re-exports from everywhere
     "__main__": 9,   # `python -m qwen_jax.<cli>` entry modules

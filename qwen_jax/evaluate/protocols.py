@@ -8,6 +8,13 @@ among " A", " B", " C", " D"; the score is micro-averaged over every question.
 Data: DIR/dev/{subject}_dev.csv and DIR/test/{subject}_test.csv (the public CSV layout, no
 header: question, A, B, C, D, answer).
 
+C-Eval (5-shot): the val split; the subject's first 5 dev rows as
+"问题：...\\nA. ...\\n答案：X\\n\\n" (no header line); the prediction is the largest next-token
+probability among "A".."D" (no space); the macro average over subjects, and the average over
+the release's 8 hard subjects.
+Data: DIR/dev/{subject}_dev.csv and DIR/val/{subject}_val.csv (C-Eval's CSV layout, with a
+header: id, question, A, B, C, D, answer).
+
 GSM8K (8-shot, greedy): the release's few-shot prompt file + "\\nQuestion: {q}\\nLet's think
 step by step\\n"; the generation is cut at "<|endoftext|>", "\\n\\n\\n", "\\n\\n", "Question:";
 the prediction is the last integer of it, the gold answer what follows "####" (commas
@@ -116,9 +123,80 @@ def run_mmlu(engine: Engine, data, limit: int | None = None, shots: int = 5,
     scores = engine.loglikelihood(requests)
     for i, d in enumerate(details):
         logp = [scores[4 * i + k][0] for k in range(4)]
+        d["logprobs"] = logp
         d["pred"] = CHOICES[max(range(4), key=lambda k: (logp[k], -k))]
         d["correct"] = d["pred"] == d["answer"]
     return _score("mmlu", "acc", details, by="subject")
+
+
+# ------------------------------------------------------------------------------ C-Eval
+CEVAL_HARD = ("advanced_mathematics", "discrete_mathematics", "probability_and_statistics",
+              "college_physics", "college_chemistry", "high_school_mathematics",
+              "high_school_physics", "high_school_chemistry")
+
+
+def _csv_with_header(path: pathlib.Path) -> list[dict]:
+    with open(path, newline="", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+    need = ("question", *CHOICES, "answer")
+    for i, row in enumerate(rows):
+        missing = [k for k in need if row.get(k) is None]
+        if missing:
+            raise EvalError(f"{path}: row {i + 2} has no {missing[0]!r} column "
+                            f"(expected a header with {', '.join(need)})")
+    return rows
+
+
+def ceval_subjects(data: pathlib.Path) -> list[str]:
+    val = data / "val"
+    if not val.is_dir():
+        raise EvalError(f"{data}: no val/ folder; put C-Eval's data there (dev/ and val/ with "
+                        "{subject}_dev.csv and {subject}_val.csv, from ceval-exam.zip)")
+    subjects = sorted(p.name[:-len("_val.csv")] for p in val.glob("*_val.csv"))
+    if not subjects:
+        raise EvalError(f"{val}: no {{subject}}_val.csv files")
+    missing = [s for s in subjects if not (data / "dev" / f"{s}_dev.csv").is_file()]
+    if missing:
+        raise EvalError(f"{data / 'dev'}: no {missing[0]}_dev.csv for the subject "
+                        f"{missing[0]} (its 5 shots); {len(missing)} subject(s) missing")
+    return subjects
+
+
+def ceval_example(row: dict, answer: bool) -> str:
+    text = "问题：" + row["question"]
+    for c in CHOICES:
+        text += f"\n{c}. {row[c]}"
+    return text + ("\n答案：" + row["answer"] + "\n\n" if answer else "\n答案：")
+
+
+def run_ceval(engine: Engine, data, limit: int | None = None, shots: int = 5) -> Score:
+    """C-Eval's val split: 5 dev shots in the 问题：...答案： format (no header), the tokens
+    "A".."D" (no space), no truncation; the score is the macro average over subjects, and
+    groups hold each subject's accuracy and "hard", the average over the hard subjects."""
+    data = pathlib.Path(data)
+    tok = engine.tokenizer
+    choice_ids = [tok.encode(c, allow_special=True) for c in CHOICES]
+    requests, details = [], []
+    for subject in ceval_subjects(data):
+        dev = _csv_with_header(data / "dev" / f"{subject}_dev.csv")
+        shots_text = "".join(ceval_example(r, True) for r in dev[:shots])
+        for row in _csv_with_header(data / "val" / f"{subject}_val.csv")[:limit]:
+            ids = tok.encode(shots_text + ceval_example(row, False), allow_special=True)
+            requests += [(ids, c) for c in choice_ids]
+            details.append({"subject": subject, "answer": row["answer"], "prompt_ids": ids})
+    scores = engine.loglikelihood(requests)
+    for i, d in enumerate(details):
+        logp = [scores[4 * i + k][0] for k in range(4)]
+        d["logprobs"] = logp
+        d["pred"] = CHOICES[max(range(4), key=lambda k: (logp[k], -k))]
+        d["correct"] = d["pred"] == d["answer"]
+    score = _score("ceval", "acc", details, by="subject")
+    by_subject = dict(score.groups)
+    score.value = sum(by_subject.values()) / len(by_subject)  # macro, as the release
+    hard = [v for k, v in by_subject.items() if k in CEVAL_HARD]
+    if hard:
+        score.groups["hard"] = sum(hard) / len(hard)
+    return score
 
 
 # ------------------------------------------------------------------------------ GSM8K
@@ -247,5 +325,24 @@ def _score(task: str, metric: str, details: list[dict], by: str | None = None) -
     return Score(task, metric, value, len(details), details, groups)
 
 
-TASKS = {"mmlu": ("MMLU 5-shot", run_mmlu), "gsm8k": ("GSM8K 8-shot", run_gsm8k),
+def check_data(task: str, data) -> None:
+    """The data set's layout, checked before any model is loaded (EvalError if wrong)."""
+    if task == "mmlu":
+        mmlu_subjects(pathlib.Path(data))
+    elif task == "ceval":
+        ceval_subjects(pathlib.Path(data))
+    elif task == "gsm8k":
+        data = pathlib.Path(data)
+        for path, what in ((data / "test.jsonl", "GSM8K's test split as JSONL (question, "
+                            "answer)"), (data / "gsm8k_prompt.txt", "the release's 8-shot "
+                                         "prompt, eval/gsm8k_prompt.txt")):
+            if not path.is_file():
+                raise EvalError(f"{path}: not found; put {what} there")
+        _jsonl(data / "test.jsonl", ("question", "answer"))
+    elif task == "humaneval":
+        humaneval_problems(data)
+
+
+TASKS = {"mmlu": ("MMLU 5-shot", run_mmlu), "ceval": ("C-Eval 5-shot", run_ceval),
+         "gsm8k": ("GSM8K 8-shot", run_gsm8k),
          "humaneval": ("HumanEval 0-shot pass@1", run_humaneval)}
