@@ -2,8 +2,8 @@
 (transformers, PyTorch) on the same CPU, the same weights (our --format qwen2 export) and the
 same tasks, each backend at its best batch size.
 
-    python bench/lm_eval_speed.py [--hidden 512] [--layers 4] [--docs 64] [--gen-docs 16]
-                                  [--hf-batch-sizes 1,8,32] [--batch-tokens 4096,16384,65536]
+    python bench/lm_eval_speed.py [--hidden 256] [--layers 2] [--docs 24] [--gen-docs 8]
+                                  [--hf-batch-sizes 1,8,24] [--batch-tokens 4096,16384]
 
 Two local tasks: multiple choice (4 single-token answers after a few-shot-long question:
 loglikelihood, --docs x 4 requests) and generate_until (greedy, 32 tokens, --gen-docs requests).
@@ -40,9 +40,9 @@ def make_tasks(folder: pathlib.Path, docs: int, gen_docs: int) -> None:
     def words(n):
         return " ".join(rng.choice(WORDS, n))
 
-    mc = [{"question": words(int(rng.integers(150, 400))), "choices": [words(2)] * 4,
+    mc = [{"question": words(int(rng.integers(50, 150))), "choices": [words(2)] * 4,
            "answer": int(rng.integers(4))} for _ in range(docs)]
-    gen = [{"question": words(int(rng.integers(20, 120))), "answer": "x"}
+    gen = [{"question": words(int(rng.integers(20, 80))), "answer": "x"}
            for _ in range(gen_docs)]
     bodies = {
         "speed_mc": (mc, 'output_type: multiple_choice\ndoc_to_text: "{{question}}\\nAnswer:"\n'
@@ -73,13 +73,13 @@ def timed(lm, task: str, manager) -> tuple[float, int]:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--hidden", type=int, default=512)
+    p.add_argument("--hidden", type=int, default=256)
     p.add_argument("--heads", type=int, default=8)
-    p.add_argument("--layers", type=int, default=4)
-    p.add_argument("--docs", type=int, default=64)
-    p.add_argument("--gen-docs", type=int, default=16)
-    p.add_argument("--hf-batch-sizes", default="1,8,32")
-    p.add_argument("--batch-tokens", default="4096,16384,65536")
+    p.add_argument("--layers", type=int, default=2)
+    p.add_argument("--docs", type=int, default=24)
+    p.add_argument("--gen-docs", type=int, default=8)
+    p.add_argument("--hf-batch-sizes", default="1,8,24")
+    p.add_argument("--batch-tokens", default="4096,16384")
     p.add_argument("--tiktoken", default=os.environ.get(
         "QWEN_TIKTOKEN", str(ROOT.parent / "shared" / "reference" / "qwen.tiktoken")))
     args = p.parse_args(argv)
